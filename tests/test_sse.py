@@ -1,0 +1,160 @@
+"""The SSE tap and splitter, fed real mistral.rs frames split at awkward boundaries."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cortex.sse import DataSplitter, Tap
+
+
+def _chunk(content: str, *, finish: str | None = None, usage: dict[str, object] | None = None) -> bytes:
+    frame = {
+        "id": "3",
+        "choices": [
+            {
+                "finish_reason": finish,
+                "index": 0,
+                "delta": {"content": content, "role": "assistant", "tool_calls": None},
+                "logprobs": None,
+            }
+        ],
+        "created": 1795395098,
+        "model": "Qwen/Qwen3-4B",
+        "system_fingerprint": "local",
+        "object": "chat.completion.chunk",
+        "usage": usage,
+    }
+    return b"data: " + orjson.dumps(frame) + b"\n\n"
+
+
+USAGE = {
+    "completion_tokens": 3,
+    "prompt_tokens": 23,
+    "total_tokens": 26,
+    "avg_tok_per_sec": 787.9,
+    "avg_prompt_tok_per_sec": 2555.6,
+    "avg_compl_tok_per_sec": 125.0,
+    "total_time_sec": 0.033,
+    "total_prompt_time_sec": 0.009,
+    "total_completion_time_sec": 0.024,
+}
+MISTRALRS_STREAM = (
+    _chunk("Hel")
+    + _chunk("lo")
+    + _chunk("!")
+    + _chunk("", finish="stop", usage=USAGE)
+    + b"data: [DONE]\n\n"
+)
+# vLLM / llama.cpp with stream_options.include_usage: a last chunk with no choices.
+VLLM_STREAM = (
+    _chunk("Hi")
+    + _chunk("", finish="stop")
+    + b'data: {"id":"x","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}\n\n'
+    + b"data: [DONE]\n\n"
+)
+COMPLETIONS_STREAM = (
+    b'data: {"id":"1","choices":[{"text":"a","index":0,"finish_reason":null}]}\n\n'
+    b'data: {"id":"1","choices":[{"text":"b","index":0,"finish_reason":"stop"}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def _tap(stream: bytes, cuts: list[int]) -> Tap:
+    tap = Tap()
+    last = 0
+    for cut in [*sorted(cuts), len(stream)]:
+        tap.feed(stream[last:cut])
+        last = cut
+    return tap
+
+
+def test_mistralrs_stream_usage_on_final_chunk() -> None:
+    tap = _tap(MISTRALRS_STREAM, [])
+    assert (tap.prompt_tokens, tap.completion_tokens) == (23, 3)
+    assert tap.done and not tap.error
+    assert tap.first_token_at > 0
+    assert tap.content_frames == 4
+
+
+def test_every_single_split_point_gives_the_same_result() -> None:
+    for cut in range(len(MISTRALRS_STREAM) + 1):
+        tap = _tap(MISTRALRS_STREAM, [cut])
+        assert (tap.prompt_tokens, tap.completion_tokens, tap.done) == (23, 3, True), cut
+        assert tap.content_frames == 4, cut
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(VLLM_STREAM)), max_size=30))
+def test_vllm_usage_chunk_at_any_chunking(cuts: list[int]) -> None:
+    tap = _tap(VLLM_STREAM, cuts)
+    assert (tap.prompt_tokens, tap.completion_tokens, tap.done) == (5, 1, True)
+    assert tap.first_token_at > 0
+
+
+def test_completions_stream_has_no_usage_so_frames_estimate_tokens() -> None:
+    tap = _tap(COMPLETIONS_STREAM, [7, 50])
+    assert tap.completion_tokens is None
+    assert tap.content_frames == 2
+    assert tap.first_token_at > 0
+
+
+def test_role_only_and_empty_deltas_do_not_stamp_first_token() -> None:
+    tap = Tap()
+    tap.feed(_chunk(""))
+    tap.feed(b": keep-alive\n\n")
+    assert tap.first_token_at == 0
+    tap.feed(_chunk("x"))
+    assert tap.first_token_at > 0
+
+
+def test_tool_call_counts_as_first_token() -> None:
+    tap = Tap()
+    tap.feed(b'data: {"choices":[{"delta":{"content":null,"tool_calls":[{"id":"call_1"}]}}]}\n\n')
+    assert tap.first_token_at > 0
+
+
+def test_mid_stream_error_and_truncation_are_seen() -> None:
+    tap = Tap()
+    tap.feed(_chunk("a"))
+    tap.feed(b'data: {"error":{"message":"boom","type":"server_error","param":null,"code":null}}\n\n')
+    assert tap.error and not tap.done
+    cut = Tap()
+    cut.feed(_chunk("a") + _chunk("b"))
+    assert not cut.done
+
+
+def test_anthropic_native_stream_usage() -> None:
+    stream = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","usage":{"input_tokens":12,"output_tokens":1}}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    for cut in range(0, len(stream), 7):
+        tap = _tap(stream, [cut])
+        assert (tap.prompt_tokens, tap.completion_tokens, tap.done) == (12, 7, True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(MISTRALRS_STREAM)), max_size=40))
+def test_splitter_yields_the_same_events_at_any_chunking(cuts: list[int]) -> None:
+    splitter = DataSplitter()
+    events = []
+    last = 0
+    for cut in [*sorted(cuts), len(MISTRALRS_STREAM)]:
+        events += splitter.feed(MISTRALRS_STREAM[last:cut])
+        last = cut
+    events += splitter.flush()
+    datas = [data for _, data in events]
+    assert datas[-1] == b"[DONE]"
+    assert [orjson.loads(d)["choices"][0]["delta"]["content"] for d in datas[:-1]] == ["Hel", "lo", "!", ""]
+
+
+def test_splitter_reads_event_names_crlf_and_comments() -> None:
+    splitter = DataSplitter()
+    events = splitter.feed(b": ping\r\n\r\nevent: message_stop\r\ndata: {}\r\n\r\ndata: a\ndata: b\n\n")
+    assert events == [(b"message_stop", b"{}"), (b"", b"a\nb")]
+    assert splitter.feed(b"data: tail") == []
+    assert splitter.flush() == [(b"", b"tail")]

@@ -2,9 +2,9 @@
 
 :class:`Tap` watches an OpenAI-style stream (or an Anthropic one, when a node
 serves ``/v1/messages`` natively) without copying it: it stamps the first
-token, counts frames, and decodes with msgspec only the lines that carry
-``usage`` or an ``error``. Chunks may split lines anywhere; only an unfinished
-last line is carried over to the next chunk.
+token and counts frames as chunks pass, and at the end decodes with msgspec
+only the lines that carry ``usage``. Chunks may split lines anywhere; only an
+unfinished last line is carried over to the next chunk.
 
 :class:`DataSplitter` is for code that must read every event (the Anthropic
 translator): it returns each complete ``data:`` payload.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import deque
 
 import msgspec
 
@@ -23,7 +24,12 @@ DONE_FRAME = b"data: [DONE]\n\n"
 _FIRST_TOKEN = re.compile(
     rb'"(?:content|reasoning_content|text|partial_json|thinking)":\s*"[^"]|"tool_calls":\s*\[\{'
 )
-_USAGE = re.compile(rb'"usage":\s*\{')
+# How usage starts in mistral.rs / orjson output, and in Python-json servers (vLLM).
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+_LAST_FRAME = 256
+_WINDOW = 4096
+# Enough chunks to hold a stream's last frames even when each arrives alone.
+_RECENT_CHUNKS = 8
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
@@ -50,9 +56,18 @@ _decode_usage_line = msgspec.json.Decoder(_AnthropicDelta).decode
 
 
 class Tap:
-    """Watches one stream's chunks; read its fields when the stream ends."""
+    """Watches one stream's chunks; call :meth:`close` at the end, then read its fields.
+
+    Per chunk it only counts frames and, until the first token, looks for it.
+    Usage, errors and the terminator sit at the ends of a stream (mistral.rs and
+    vLLM send usage last, Anthropic splits it between ``message_start`` and
+    ``message_delta``), so the first chunk and the last few are kept by
+    reference and read once, in :meth:`close`.
+    """
 
     __slots__ = (
+        "_head",
+        "_recent",
         "_tail",
         "completion_tokens",
         "done",
@@ -64,6 +79,8 @@ class Tap:
 
     def __init__(self) -> None:
         self._tail = b""
+        self._head = b""
+        self._recent: deque[bytes] = deque(maxlen=_RECENT_CHUNKS)
         self.first_token_at = 0.0
         self.frames = 0
         self.done = False
@@ -72,7 +89,7 @@ class Tap:
         self.completion_tokens: int | None = None
 
     def feed(self, chunk: bytes) -> None:
-        """Account for one chunk as it is forwarded (the chunk is not kept)."""
+        """Account for one chunk as it is forwarded (only a reference is kept)."""
         end = chunk.rfind(b"\n") + 1
         if self._tail:
             whole = self._tail + chunk[:end] if end else b""
@@ -83,30 +100,72 @@ class Tap:
             whole = chunk[:end]
             self._tail = chunk[end:]
         if whole:
-            self._scan(whole)
+            self.frames += whole.count(b"data:")
+            if not self.first_token_at:
+                self._look_for_first_token(whole)
+            self._recent.append(whole)
 
-    def _scan(self, lines: bytes) -> None:
-        self.frames += lines.count(b"data:")
-        if not self.first_token_at and _FIRST_TOKEN.search(lines):
+    def _look_for_first_token(self, lines: bytes) -> None:
+        if not self._head:
+            self._head = lines
+        if _FIRST_TOKEN.search(lines):
             self.first_token_at = time.monotonic()
-        if _USAGE.search(lines):
-            self._read_usage(lines)
-        if b'{"error"' in lines or b"event: error" in lines:
-            self.error = True
-        if b"data: [DONE]" in lines or b"event: message_stop" in lines:
-            self.done = True
 
-    def _read_usage(self, lines: bytes) -> None:
-        for line in lines.split(b"\n"):
-            if not line.startswith(b"data:") or not _USAGE.search(line):
-                continue
-            try:
-                found = _decode_usage_line(line[5:])
-            except msgspec.DecodeError:
-                continue
-            usage = found.usage or (found.message.usage if found.message else None)
-            if usage is not None:
-                self._merge(usage)
+    def close(self) -> None:
+        """The stream ended (or was abandoned): read usage, errors and the terminator.
+
+        Only the first and the last :data:`_WINDOW` bytes are searched: usage
+        comes on the first event (Anthropic) or the last ones (everyone), an
+        error event right before the end, and a stream's ends may be one large
+        chunk each.
+        """
+        if self._tail:
+            self.frames += self._tail.count(b"data:")
+        end = self._last_bytes()
+        if self._head and self._head is not (self._recent[0] if self._recent else None):
+            self._read_usage(self._head, 0, _WINDOW)
+        lo = max(0, len(end) - _WINDOW)
+        self._read_usage(end, lo, len(end))
+        self.error = end.find(b'{"error"', lo) >= 0 or end.find(b"event: error", lo) >= 0
+        last = end[-_LAST_FRAME:].rstrip().rpartition(b"\n\n")[2]
+        self.done = last == b"data: [DONE]" or last.startswith(b"event: message_stop")
+
+    def _last_bytes(self) -> bytes:
+        """The end of the stream: the fewest recent chunks that hold _WINDOW bytes."""
+        parts = [self._tail] if self._tail else []
+        size = len(self._tail)
+        for chunk in reversed(self._recent):
+            if size >= _WINDOW:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(reversed(parts))
+
+    def _read_usage(self, lines: bytes, lo: int, hi: int) -> None:
+        """Decode each ``data:`` line that carries usage within ``lines[lo:hi]``, in order."""
+        found = []
+        for marker in _USAGE_MARKERS:
+            at = lines.find(marker, lo, hi)
+            while at >= 0:
+                found.append(at)
+                at = lines.find(marker, at + len(marker), hi)
+        for at in sorted(found):
+            start = lines.rfind(b"\n", 0, at) + 1
+            stop = lines.find(b"\n", at)
+            line = lines[start : stop if stop >= 0 else len(lines)]
+            if line.startswith(b"data:"):
+                self._decode(line[5:])
+
+    def _decode(self, payload: bytes) -> None:
+        try:
+            found = _decode_usage_line(payload)
+        except msgspec.DecodeError:
+            return
+        usage = found.usage or (found.message.usage if found.message else None)
+        if usage is not None:
+            self._merge(usage)
 
     def _merge(self, usage: Usage) -> None:
         prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.input_tokens

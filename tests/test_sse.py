@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from cortex.sse import DataSplitter, Tap
 
 
-def _chunk(content: str, *, finish: str | None = None, usage: dict[str, object] | None = None) -> bytes:
+def _chunk(
+    content: str, *, finish: str | None = None, usage: dict[str, object] | None = None
+) -> bytes:
     frame = {
         "id": "3",
         "choices": [
@@ -67,6 +69,7 @@ def _tap(stream: bytes, cuts: list[int]) -> Tap:
     for cut in [*sorted(cuts), len(stream)]:
         tap.feed(stream[last:cut])
         last = cut
+    tap.close()
     return tap
 
 
@@ -115,14 +118,36 @@ def test_tool_call_counts_as_first_token() -> None:
     assert tap.first_token_at > 0
 
 
+def test_usage_far_from_the_end_is_still_found_in_the_first_chunk() -> None:
+    start = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":9}}}\n\n'
+    delta = (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"x"}}\n\n'
+    )
+    tap = _tap(start + delta * 50, [len(start) + len(delta) * i for i in range(50)])
+    assert tap.prompt_tokens == 9 and not tap.done
+
+
 def test_mid_stream_error_and_truncation_are_seen() -> None:
     tap = Tap()
     tap.feed(_chunk("a"))
-    tap.feed(b'data: {"error":{"message":"boom","type":"server_error","param":null,"code":null}}\n\n')
+    tap.feed(
+        b'data: {"error":{"message":"boom","type":"server_error","param":null,"code":null}}\n\n'
+    )
+    tap.close()
     assert tap.error and not tap.done
     cut = Tap()
     cut.feed(_chunk("a") + _chunk("b"))
-    assert not cut.done
+    cut.close()
+    assert not cut.done and not cut.error
+
+
+def test_usage_far_from_the_end_is_still_found_in_the_first_chunk() -> None:
+    start = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":9}}}\n\n'
+    delta = (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"x"}}\n\n'
+    )
+    tap = _tap(start + delta * 50, [len(start) + len(delta) * i for i in range(50)])
+    assert tap.prompt_tokens == 9 and not tap.done
 
 
 def test_anthropic_native_stream_usage() -> None:
@@ -149,12 +174,19 @@ def test_splitter_yields_the_same_events_at_any_chunking(cuts: list[int]) -> Non
     events += splitter.flush()
     datas = [data for _, data in events]
     assert datas[-1] == b"[DONE]"
-    assert [orjson.loads(d)["choices"][0]["delta"]["content"] for d in datas[:-1]] == ["Hel", "lo", "!", ""]
+    assert [orjson.loads(d)["choices"][0]["delta"]["content"] for d in datas[:-1]] == [
+        "Hel",
+        "lo",
+        "!",
+        "",
+    ]
 
 
 def test_splitter_reads_event_names_crlf_and_comments() -> None:
     splitter = DataSplitter()
-    events = splitter.feed(b": ping\r\n\r\nevent: message_stop\r\ndata: {}\r\n\r\ndata: a\ndata: b\n\n")
+    events = splitter.feed(
+        b": ping\r\n\r\nevent: message_stop\r\ndata: {}\r\n\r\ndata: a\ndata: b\n\n"
+    )
     assert events == [(b"message_stop", b"{}"), (b"", b"a\nb")]
     assert splitter.feed(b"data: tail") == []
     assert splitter.flush() == [(b"", b"tail")]

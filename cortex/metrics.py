@@ -231,7 +231,7 @@ class Metrics:
         )
         self._tps = h(
             "cortex_tokens_per_second",
-            "Completion tokens per second after the first token, per request.",
+            "Completion tokens per second after the first token, per streamed request.",
             ("model", "node"),
             TOKENS_PER_SECOND_BUCKETS,
         )
@@ -346,8 +346,10 @@ class Metrics:
         self._ttft.child(mn).observe(rec.first_token - rec.started)
         if rec.upstream_sent:
             self._node_ttft.child(mn).observe(rec.first_token - rec.upstream_sent)
+        # A whole (non-streamed) answer arrives at once: its "first token" is the
+        # answer, and what follows is reading the body, not generating.
         generating = rec.ended - rec.first_token
-        if rec.completion_tokens and generating > 0:
+        if rec.stream and rec.completion_tokens and generating > 0:
             self._tps.child(mn).observe(rec.completion_tokens / generating)
 
     # --- fleet events ----------------------------------------------------------

@@ -66,6 +66,7 @@ class Tap:
     """
 
     __slots__ = (
+        "_closing_empty",
         "_head",
         "_recent",
         "_tail",
@@ -79,6 +80,7 @@ class Tap:
 
     def __init__(self) -> None:
         self._tail = b""
+        self._closing_empty = False
         self._head = b""
         self._recent: deque[bytes] = deque(maxlen=_RECENT_CHUNKS)
         self.first_token_at = 0.0
@@ -129,6 +131,9 @@ class Tap:
         self.error = end.find(b'{"error"', lo) >= 0 or end.find(b"event: error", lo) >= 0
         last = end[-_LAST_FRAME:].rstrip().rpartition(b"\n\n")[2]
         self.done = last == b"data: [DONE]" or last.startswith(b"event: message_stop")
+        if self.done:  # a closing frame (finish_reason, usage) without text is no token
+            closing = end[lo:].rstrip().rsplit(b"\n\n", 2)
+            self._closing_empty = len(closing) > 1 and not _FIRST_TOKEN.search(closing[-2])
 
     def _last_bytes(self) -> bytes:
         """The end of the stream: the fewest recent chunks that hold _WINDOW bytes."""
@@ -179,8 +184,8 @@ class Tap:
 
     @property
     def content_frames(self) -> int:
-        """Frames other than the ``[DONE]`` terminator: an estimate of tokens."""
-        return self.frames - 1 if self.done and self.frames else self.frames
+        """Frames but the terminator and an empty closing frame: an estimate of tokens."""
+        return self.frames - self.done - self._closing_empty
 
 
 class DataSplitter:

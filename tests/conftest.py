@@ -44,7 +44,7 @@ class Fleet:
 FleetFactory = Callable[..., Awaitable[Fleet]]
 
 
-def gateway_config(nodes: dict[str, SimNode], **sections: Any) -> config.Config:
+def gateway_config(nodes: dict[str, SimNode], /, **sections: Any) -> config.Config:
     """A config for a gateway on ephemeral loopback ports in front of ``nodes``."""
     raw: dict[str, Any] = {
         "gateway": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},

@@ -75,7 +75,7 @@ def series(samples: list[Sample], name: str) -> dict[tuple[tuple[str, str], ...]
 def test_request_counters_and_histograms() -> None:
     m = Metrics()
     m.record(rec())
-    m.record(rec(request_id="req-2", stream=False, estimated=True, completion_tokens=50))
+    m.record(rec(request_id="req-2", estimated=True, completion_tokens=50))
     m.record(
         rec(
             request_id="req-3",

@@ -17,6 +17,10 @@ Rules chosen where the two APIs do not line up:
   become ``input: {}``; the client's tool validation then tells the model what
   is missing. Streaming passes argument fragments through verbatim; mistral.rs
   only emits a call whose arguments it has parsed, so they are valid JSON.
+* **System turns** (``role: "system"`` in ``messages``, Claude Code's
+  mid-conversation-system beta) join the leading system message: several chat
+  templates (Gemma, Mistral) reject a system message anywhere but first, and
+  the model answers the last user turn either way.
 * **Images in a tool_result** cannot ride in an OpenAI ``tool`` message; they
   go into the user message that follows the turn's tool messages.
 * :func:`estimate_tokens` documents its own rule.
@@ -100,7 +104,7 @@ def to_openai(
         raise _bad("model", "must be a string")
     out: dict[str, Any] = {
         "model": model,
-        "messages": _system(body.get("system")) + _messages(body.get("messages")),
+        "messages": _conversation(body),
         "max_tokens": _max_tokens(body.get("max_tokens"), max_tokens_cap),
     }
     _copy_sampling(body, out)
@@ -175,16 +179,27 @@ def _copy_thinking(thinking: Any, out: dict[str, Any]) -> None:
         raise _bad("thinking.type", f"must be enabled, adaptive or disabled, got {kind!r}")
 
 
-def _system(raw: Any) -> list[dict[str, Any]]:
+def _conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """One leading system message (``system``, then any system turns), then the turns."""
+    turns = _messages(body.get("messages"))
+    texts = [_system(body.get("system"), "system")]
+    if any(turn["role"] == "system" for turn in turns):
+        texts += [turn["content"] for turn in turns if turn["role"] == "system"]
+        turns = [turn for turn in turns if turn["role"] != "system"]
+        if not turns:
+            raise _bad("messages", "must hold at least one user or assistant turn")
+    text = "\n".join(t for t in texts if t)
+    return [{"role": "system", "content": text}, *turns] if text else turns
+
+
+def _system(raw: Any, path: str) -> str:
     if raw is None:
-        return []
+        return ""
     if isinstance(raw, str):
-        text = raw
-    elif isinstance(raw, list):
-        text = "\n".join(_text(block, f"system.{i}") for i, block in enumerate(raw))
-    else:
-        raise _bad("system", "must be a string or a list of text blocks")
-    return [{"role": "system", "content": text}] if text else []
+        return raw
+    if isinstance(raw, list):
+        return "\n".join(_text(block, f"{path}.{i}") for i, block in enumerate(raw))
+    raise _bad(path, "must be a string or a list of text blocks")
 
 
 def _block_type(block: Any, path: str) -> str:
@@ -229,8 +244,11 @@ def _message(message: Any, path: str, *, final: bool) -> list[dict[str, Any]]:
     if not isinstance(message, dict):
         raise _bad(path, "must be an object")
     role = message.get("role")
+    if role == "system":
+        text = _system(message.get("content"), f"{path}.content")
+        return [{"role": "system", "content": text}] if text else []
     if role not in ("user", "assistant"):
-        raise _bad(f"{path}.role", f"must be 'user' or 'assistant', got {role!r}")
+        raise _bad(f"{path}.role", f"must be 'user', 'assistant' or 'system', got {role!r}")
     blocks = _content_blocks(message.get("content"), f"{path}.content")
     if not blocks:
         if role == "assistant" and final:

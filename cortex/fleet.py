@@ -99,6 +99,8 @@ class NodeHandle:
     inflight: int = 0
     model_inflight: dict[str, int] = field(default_factory=dict)
     last_used: dict[str, float] = field(default_factory=dict)  # model -> time.monotonic()
+    # `anthropic = "auto"` nodes: does it serve /v1/messages? None until a request finds out.
+    messages_native: bool | None = None
 
     @classmethod
     def from_config(cls, node: Node) -> NodeHandle:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import io
 import itertools
 import logging
 import os
@@ -32,7 +31,6 @@ import msgspec
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from cortex import anthropic, errors, fleet
 from cortex.config import Config
@@ -40,6 +38,7 @@ from cortex.errors import CortexError, Dialect
 from cortex.fleet import NodeHandle
 from cortex.metrics import RequestRecord
 from cortex.sse import Tap, Usage
+from cortex.upstream import ConnectFailed, Pool, Reply
 from cortex.watchdog import Watch, Watchdog
 
 log = logging.getLogger("cortex.proxy")
@@ -48,12 +47,14 @@ SSE_KEEPALIVE = b": cortex: waiting for the model to load\n\n"
 KEEPALIVE_EVERY_S = 2.0
 DEFAULT_ANTHROPIC_MAX_TOKENS = 32768
 _UPSTREAM_ERRORS = (
+    ConnectFailed,
     aiohttp.ClientConnectorError,
     aiohttp.ServerDisconnectedError,
     aiohttp.ClientOSError,
     aiohttp.ClientPayloadError,
 )
-_LARGE_BODY = 1 << 20
+# A count is advisory: past this, or on any failure, the estimate answers instead.
+_COUNT_TIMEOUT_S = 10.0
 _CLIENT_GONE = (ConnectionResetError, ConnectionError)
 
 
@@ -66,7 +67,7 @@ class Router(Protocol):
     async def acquire(
         self, model_id: str, *, exclude: frozenset[str] = ...
     ) -> tuple[NodeHandle, float]: ...
-    def report_failure(self, node: NodeHandle, reason: str) -> None: ...
+    def report_failure(self, node: NodeHandle, reason: str, *, poll_now: bool = ...) -> None: ...
 
 
 class Recorder(Protocol):
@@ -86,8 +87,18 @@ class _UsageBody(msgspec.Struct):
     usage: Usage | None = None
 
 
+class _Envelope(msgspec.Struct):
+    type: str | None = None
+
+
+class _Count(msgspec.Struct):
+    input_tokens: int
+
+
 _decode_view = msgspec.json.Decoder(_View).decode
 _decode_usage = msgspec.json.Decoder(_UsageBody).decode
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+_decode_count = msgspec.json.Decoder(_Count).decode
 
 
 class Proxy:
@@ -96,18 +107,16 @@ class Proxy:
     def __init__(
         self,
         cfg: Config,
-        session: aiohttp.ClientSession,
         router: Router,
         recorder: Recorder,
         watchdog: Watchdog,
     ) -> None:
-        self.session = session
+        self.pool = Pool(cfg.gateway.connect_timeout_s)
         self.router = router
         self.recorder = recorder
         self.watchdog = watchdog
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
-        self._urls: dict[tuple[str, str], URL] = {}
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -118,7 +127,8 @@ class Proxy:
         self.idle_s = gw.idle_timeout_s
         self.max_body = gw.max_body_mb * 1024 * 1024
         self.max_tokens = {m.id: m.max_tokens for m in cfg.models if m.max_tokens}
-        self._urls.clear()
+        self.pool.connect_timeout = gw.connect_timeout_s
+        self._native_nodes = any(n.anthropic != "translate" for n in cfg.nodes)
 
     # --- entry points -------------------------------------------------------
 
@@ -142,37 +152,64 @@ class Proxy:
         ex = _Exchange(self, request, "messages", Dialect.ANTHROPIC)
         try:
             raw = await self._read_body(request)
-            req = _object_of(raw)
-            model_id = self._resolve(req.get("model"), ex)
-            ex.rec.stream = bool(req.get("stream"))
+            view = _view_of(raw)
+            model_id = self._resolve(view.model, ex)
+            ex.rec.stream = view.stream
             cap = self.max_tokens.get(model_id, DEFAULT_ANTHROPIC_MAX_TOKENS)
-            out = anthropic.to_openai(req, model=model_id, max_tokens_cap=cap)
-            translator = None
-            if ex.rec.stream:
-                translator = anthropic.StreamTranslator(
-                    model=str(req["model"]), input_tokens=anthropic.estimate_tokens(req)
-                )
-            return await ex.forward(
-                "/v1/chat/completions", orjson.dumps(out), _Translation(req, translator)
-            )
+            tr = _Translation(raw, view, model_id, cap)
+            if not self._native_nodes:
+                tr.translated()  # reject what cannot be translated before a node is chosen
+            return await ex.forward("/v1/messages", raw, tr)
         except CortexError as err:
             return await ex.fail(err)
         finally:
             ex.close()
 
     async def count_tokens(self, request: web.BaseRequest) -> web.StreamResponse:
-        """``/v1/messages/count_tokens``: an estimate over system, messages and tools."""
+        """``/v1/messages/count_tokens``: the node's count if it has the route, else an estimate."""
         ex = _Exchange(self, request, "count_tokens", Dialect.ANTHROPIC)
         try:
-            req = _object_of(await self._read_body(request))
-            ex.rec.model = self._resolve(req.get("model"), ex)
-            count = anthropic.estimate_tokens(req)
+            raw = await self._read_body(request)
+            view = _view_of(raw)
+            model_id = self._resolve(view.model, ex)
+            node = self.router.pick(model_id)
+            if node is not None and _speaks_messages(node):
+                counted = await self._count_on(node, self._rewrite(raw, view, model_id), ex)
+                if counted is not None:
+                    return counted
+            count = anthropic.estimate_tokens(_object_of(raw))
             ex.rec.prompt_tokens = count
             return ex.json(200, orjson.dumps({"input_tokens": count}))
         except CortexError as err:
             return await ex.fail(err)
         finally:
             ex.close()
+
+    async def _count_on(self, node: NodeHandle, body: bytes, ex: _Exchange) -> web.Response | None:
+        """The node's own count; ``None`` (use the estimate) when it has none to give."""
+        upstream: Reply | None = None
+        try:
+            async with asyncio.timeout(_COUNT_TIMEOUT_S):
+                path = "/v1/messages/count_tokens"
+                upstream = await self.pool.request(node, path, body, ex.rec.request_id)
+                status, raw = upstream.status, await upstream.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("count_tokens on node %s failed, estimating: %r", node.name, exc)
+            return None
+        finally:
+            if upstream is not None:
+                upstream.finish()
+        if _learn_messages_route(node, status, raw) or status >= 500:
+            return None
+        if status >= 400:
+            raise errors.from_node(status, raw)
+        try:
+            count = _decode_count(raw).input_tokens
+        except msgspec.DecodeError:
+            return None
+        ex.rec.node = node.name
+        ex.rec.prompt_tokens = count
+        return ex.json(200, raw)
 
     # --- helpers shared by the entry points -------------------------------
 
@@ -207,25 +244,7 @@ class Proxy:
 
     def _rewrite(self, raw: bytes, view: _View, model_id: str) -> bytes:
         """The body to send upstream: the client's bytes unless a field must change."""
-        cap = self.max_tokens.get(model_id)
-        asked = view.max_tokens or view.max_completion_tokens
-        over = cap is not None and asked is not None and asked > cap
-        if view.model == model_id and not over:
-            return raw
-        body = orjson.loads(raw)
-        body["model"] = model_id
-        if over:
-            for key in ("max_tokens", "max_completion_tokens"):
-                if key in body:
-                    body[key] = cap
-        return orjson.dumps(body)
-
-    def url(self, node: NodeHandle, path: str) -> URL:
-        key = (node.base_url, path)
-        url = self._urls.get(key)
-        if url is None:
-            url = self._urls[key] = URL(node.base_url + path)
-        return url
+        return _rewritten(raw, view, model_id, self.max_tokens.get(model_id))
 
     def request_id(self, request: web.BaseRequest) -> str:
         given = request.headers.get("X-Request-Id")
@@ -256,6 +275,23 @@ def _view_of(raw: bytes) -> _View:
         raise errors.BadRequest(f"invalid request body: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError):
         raise errors.BadRequest("request body is not valid JSON (UTF-8)") from None
+    except RecursionError:  # msgspec recurses even to skip a field: `[[[[...]]]]` gets here
+        raise errors.BadRequest("request body is nested too deeply") from None
+
+
+def _rewritten(raw: bytes, view: _View, model_id: str, cap: int | None) -> bytes:
+    """``raw`` with ``model`` set to ``model_id`` and the token limit clamped to ``cap``."""
+    asked = view.max_tokens or view.max_completion_tokens
+    over = cap is not None and asked is not None and asked > cap
+    if view.model == model_id and not over:
+        return raw
+    body = orjson.loads(raw)
+    body["model"] = model_id
+    if over:
+        for key in ("max_tokens", "max_completion_tokens"):
+            if key in body:
+                body[key] = cap
+    return orjson.dumps(body)
 
 
 def _object_of(raw: bytes) -> dict[str, Any]:
@@ -269,13 +305,102 @@ def _object_of(raw: bytes) -> dict[str, Any]:
 
 
 class _Translation:
-    """The Anthropic side of an exchange that a node serves as OpenAI chat."""
+    """An Anthropic request on its way to a node: passed through, or translated to chat.
 
-    __slots__ = ("request", "stream")
+    :meth:`leg` decides per node, once the node is known. ``stream`` is the
+    translator of a translated stream; it is ``None`` for a native leg (bytes
+    pass through) and until a node is chosen, so keep-alives sent while a
+    model loads are SSE comments and the first event is whichever
+    ``message_start`` the chosen leg sends. Once a leg was translated, later
+    legs (failover) translate too: a translated stream may have started.
+    """
 
-    def __init__(self, request: dict[str, Any], stream: anthropic.StreamTranslator | None):
-        self.request = request
-        self.stream = stream
+    __slots__ = (
+        "_chat",
+        "_translator",
+        "cap",
+        "model_id",
+        "native",
+        "raw",
+        "stream",
+        "view",
+    )
+
+    def __init__(self, raw: bytes, view: _View, model_id: str, cap: int) -> None:
+        self.raw = raw
+        self.view = view
+        self.model_id = model_id
+        self.cap = cap
+        self.native = False
+        self.stream: anthropic.StreamTranslator | None = None
+        self._chat: bytes | None = None
+        self._translator: anthropic.StreamTranslator | None = None
+
+    def leg(self, node: NodeHandle) -> tuple[str, bytes]:
+        """The path and body for ``node``; sets up ``stream`` for that leg."""
+        self.native = self._chat is None and _speaks_messages(node)
+        if self.native:
+            self.stream = None
+            return "/v1/messages", _rewritten(self.raw, self.view, self.model_id, self.cap)
+        body = self.translated()
+        self.stream = self._translator
+        return "/v1/chat/completions", body
+
+    def translated(self) -> bytes:
+        """The chat completions body (translated once); raises what cannot be translated."""
+        if self._chat is None:
+            req = _object_of(self.raw)
+            out = anthropic.to_openai(req, model=self.model_id, max_tokens_cap=self.cap)
+            if self.view.stream:
+                self._translator = anthropic.StreamTranslator(
+                    model=str(self.view.model), input_tokens=anthropic.estimate_tokens(req)
+                )
+            self._chat = orjson.dumps(out)
+        return self._chat
+
+    def whole(self, raw: bytes) -> bytes:
+        """A non-streamed answer for the client: the node's own, or translated back."""
+        if self.native:
+            return raw
+        return orjson.dumps(anthropic.from_openai(orjson.loads(raw), model=str(self.view.model)))
+
+    def unrouted(self, node: NodeHandle, status: int, raw: bytes) -> bool:
+        """Whether a native leg's error means ``node`` has no ``/v1/messages`` (try again)."""
+        return self.native and _learn_messages_route(node, status, raw)
+
+    def routed(self, node: NodeHandle) -> None:
+        """A native leg got an answer: an ``auto`` node serves the route."""
+        if self.native and node.messages_native is None:
+            node.messages_native = True
+
+
+def _speaks_messages(node: NodeHandle) -> bool:
+    """Send Anthropic requests to ``node`` as they are? (``auto``: until it proves it can't)."""
+    mode = node.config.anthropic
+    return mode == "native" or (mode == "auto" and node.messages_native is not False)
+
+
+def _learn_messages_route(node: NodeHandle, status: int, raw: bytes) -> bool:
+    """Whether an answer from an Anthropic route of an ``auto`` node says it has none.
+
+    Nodes older than the route answer a plain 404; a node that has it answers
+    404 only with an Anthropic error (an unknown model). Either way an ``auto``
+    node remembers what it learnt.
+    """
+    if node.config.anthropic != "auto":
+        return False
+    missing = status == 404 and not _is_anthropic_error(raw)
+    if missing and node.messages_native is not False:
+        log.info("node %s has no /v1/messages: translating its Anthropic requests", node.name)
+    node.messages_native = not missing
+    return missing
+
+
+def _is_anthropic_error(raw: bytes) -> bool:
+    try:
+        return _decode_envelope(raw).type == "error"
+    except msgspec.DecodeError:
+        return False
 
 
 class _Exchange:
@@ -313,7 +438,6 @@ class _Exchange:
         node = self.proxy.router.pick(model, exclude)
         if node is not None:
             return node
-        waited = time.monotonic()
         acquiring = asyncio.ensure_future(self.proxy.router.acquire(model, exclude=exclude))
         try:
             if self.rec.stream:
@@ -322,7 +446,6 @@ class _Exchange:
         finally:
             acquiring.cancel()
         self.rec.load_wait_s += load_wait
-        self.rec.queue_wait_s += max(0.0, time.monotonic() - waited - load_wait)
         return node
 
     async def _keep_alive(self, waiting: asyncio.Future[Any], tr: _Translation | None) -> None:
@@ -344,6 +467,8 @@ class _Exchange:
         attempts = max(2, len(self.proxy.router.snapshot.nodes) + 1)
         for _ in range(attempts):
             node = await self._node(model, exclude, tr)
+            if tr is not None:
+                path, body = tr.leg(node)
             try:
                 return await self._exchange(node, path, body, tr)
             except _Retry as retry:
@@ -359,14 +484,10 @@ class _Exchange:
         self.rec.node = node.name
         fleet.begin(node, self.rec.model)
         self.watch = proxy.watchdog.watch(proxy.first_byte_s, "first byte")
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: Reply | None = None
         try:
             self.rec.upstream_sent = time.monotonic()
-            upstream = await proxy.session.post(
-                proxy.url(node, path),
-                data=_payload(body),
-                headers=_upstream_headers(node, self.rec),
-            )
+            upstream = await proxy.pool.request(node, path, body, self.rec.request_id)
             self.rec.first_byte = time.monotonic()
             self.watch.advance(proxy.idle_s, "idle")
             return await self._relay(node, upstream, tr)
@@ -376,6 +497,9 @@ class _Exchange:
             raise errors.BadGateway(f"node {node.name} broke the connection: {exc}") from None
         except asyncio.CancelledError:
             if self.watch.fired and _uncancel():
+                if self.watch.stage == "first byte":  # its polls may be fine: wait for the next
+                    reason = f"no first byte in {self.watch.limit:g} s"
+                    proxy.router.report_failure(node, reason, poll_now=False)
                 raise errors.GatewayTimeout(
                     f"node {node.name} sent nothing for {self.watch.limit:g} s "
                     f"(waiting for the {self.watch.stage})"
@@ -385,30 +509,34 @@ class _Exchange:
             proxy.watchdog.release(self.watch)
             fleet.end(node, self.rec.model)
             if upstream is not None:
-                upstream.close()
+                upstream.finish()
 
     async def _relay(
-        self, node: NodeHandle, upstream: aiohttp.ClientResponse, tr: _Translation | None
+        self, node: NodeHandle, upstream: Reply, tr: _Translation | None
     ) -> web.StreamResponse:
         if upstream.status >= 400:
             raw = await upstream.read()
+            if tr is not None and tr.unrouted(node, upstream.status, raw):
+                raise _Retry(f"node {node.name} has no /v1/messages", failover=False)
             err = errors.from_node(upstream.status, raw)
             if isinstance(err, errors.Unavailable) and not self.relayed:
                 await asyncio.sleep(0.2)
                 raise _Retry(err.message, failover=False)
             raise err
+        if tr is not None:
+            tr.routed(node)
         if "text/event-stream" in upstream.headers.get("Content-Type", ""):
             return await self._relay_stream(node, upstream, tr)
         return await self._relay_whole(node, upstream, tr)
 
     async def _relay_whole(
-        self, node: NodeHandle, upstream: aiohttp.ClientResponse, tr: _Translation | None
+        self, node: NodeHandle, upstream: Reply, tr: _Translation | None
     ) -> web.StreamResponse:
         raw = await upstream.read()
         self.rec.first_token = self.rec.first_byte
         self._usage_of(raw)
         if tr is not None:
-            raw = orjson.dumps(anthropic.from_openai(orjson.loads(raw), model=tr.request["model"]))
+            raw = tr.whole(raw)
         headers = self._headers(node.name)
         overhead = self.rec.upstream_sent - self.rec.started
         overhead -= self.rec.queue_wait_s + self.rec.load_wait_s
@@ -423,12 +551,15 @@ class _Exchange:
             usage = _decode_usage(raw).usage
         except msgspec.DecodeError:
             return
-        if usage is not None:
+        if usage is not None and usage.prompt_tokens is None:  # a native /v1/messages answer
+            self.rec.prompt_tokens = usage.input_tokens
+            self.rec.completion_tokens = usage.output_tokens
+        elif usage is not None:
             self.rec.prompt_tokens = usage.prompt_tokens
             self.rec.completion_tokens = usage.completion_tokens
 
     async def _relay_stream(
-        self, node: NodeHandle, upstream: aiohttp.ClientResponse, tr: _Translation | None
+        self, node: NodeHandle, upstream: Reply, tr: _Translation | None
     ) -> web.StreamResponse:
         resp = await self._start_stream(node.name, tr)
         tap = Tap()
@@ -456,6 +587,7 @@ class _Exchange:
         return resp
 
     def _take_tap(self, tap: Tap) -> None:
+        tap.close()
         self.rec.first_token = tap.first_token_at
         self.rec.prompt_tokens = tap.prompt_tokens
         if tap.completion_tokens is not None:
@@ -478,10 +610,11 @@ class _Exchange:
                 await resp.write(tail)
             if not tap.done:
                 self.rec.error = self.rec.error or "stream_truncated"
-        elif not tap.done:
+        elif not tap.done and not (tap.error and self.dialect is Dialect.ANTHROPIC):
+            # (An Anthropic stream ends at its `event: error`: no message_stop follows one.)
             self.rec.error = "stream_truncated"
             cut = errors.StreamCut("the node ended the stream before it was complete")
-            await resp.write(errors.sse_frame(cut, Dialect.OPENAI))
+            await resp.write(errors.sse_frame(cut, self.dialect))
         with contextlib.suppress(*_CLIENT_GONE):
             await resp.write_eof()
 
@@ -530,7 +663,9 @@ class _Exchange:
     def close(self) -> None:
         """Hand the record to the metrics layer; runs exactly once per request."""
         self.rec.ended = time.monotonic()
-        if not self.rec.status:
+        task = asyncio.current_task()
+        # cancelled: the client went away (handler_cancellation), maybe mid-stream after a 200
+        if not self.rec.status or (task is not None and task.cancelling()):
             self.rec.status = 499
             self.rec.error = self.rec.error or "client_disconnected"
         self.proxy.recorder.record(self.rec)
@@ -550,18 +685,6 @@ def _uncancel() -> bool:
     if task is not None:
         task.uncancel()
     return True
-
-
-def _payload(body: bytes) -> bytes | io.BytesIO:
-    # aiohttp warns (ResourceWarning) on raw bytes over 1 MiB: a big body is streamed instead.
-    return body if len(body) < _LARGE_BODY else io.BytesIO(body)
-
-
-def _upstream_headers(node: NodeHandle, rec: RequestRecord) -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "X-Request-Id": rec.request_id}
-    if node.config.api_key:
-        headers["Authorization"] = f"Bearer {node.config.api_key}"
-    return headers
 
 
 def _response(status: int, body: bytes, ctype: str, headers: CIMultiDict[str]) -> web.Response:

@@ -459,7 +459,7 @@ def user_block(block: dict[str, Any]) -> dict[str, Any]:
             user_block({"type": "image", "source": {"type": "file", "file_id": "file_1"}}),
             "image source 'file'",
         ),
-        (request(messages=[{"role": "system", "content": "hi"}]), "messages.0.role"),
+        (request(messages=[{"role": "system", "content": "hi"}]), "at least one user or"),
         (request(messages=[{"role": "tool", "content": "hi"}]), "messages.0.role"),
         (request(messages=[]), "messages"),
         (request(messages="hi"), "messages"),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
+import msgspec
 import orjson
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
@@ -27,12 +28,19 @@ from cortex import config, errors, notify
 from cortex.admin import admin_routes
 from cortex.config import Config, ConfigError
 from cortex.errors import CortexError, Dialect
+from cortex.guard import HTTP_LOG, Guards
 from cortex.metrics import Metrics
 from cortex.proxy import Proxy, check_key
 from cortex.supervisor import Supervisor
 from cortex.watchdog import Watchdog
 
 log = logging.getLogger("cortex")
+
+# How long a response whose handler is done gets to finish writing at shutdown,
+# and a cut request to unwind (its upstream request closed).
+_SHUTDOWN_GRACE_S = 1.0
+# Built into the listening sockets and the client session: a reload cannot change them.
+_RESTART_KEYS = ("listen", "metrics_listen", "connect_timeout_s")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 _JSON = {"Content-Type": "application/json"}
@@ -57,92 +65,202 @@ class Gateway:
         self.watchdog = Watchdog()
         self.active = 0
         self.port = 0
+        self.stopping = False
+        # Set when `active` drops to 0, or by cut(): what a drain waits for.
         self._idle = asyncio.Event()
+        self._cut = False
         self._server: web.Server | None = None
         self._listener: asyncio.Server | None = None
-        self._keys: tuple[bytes, ...] = ()
-        self._read_keys(cfg)
+        self._ssl: ssl.SSLContext | None = None
+        self._label = str(config_path) if config_path is not None else "<config>"
+        self._keys = _read_keys(cfg, self._label)
+        self._guards = Guards(cfg.gateway.client_timeout_s)
 
     # --- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        gw = self.cfg.gateway
+        """Poll the nodes once, then listen on the metrics and API ports.
+
+        Raises :class:`ConfigError` naming the key for TLS files that cannot be
+        loaded or an address that cannot be bound; nothing is left running then.
+        """
+        self._ssl = _tls(self.cfg.gateway, self._label)
         self.session = _client_session(self.cfg)
         self.supervisor = Supervisor(self.cfg, self.session, self.metrics)
-        self.proxy = Proxy(self.cfg, self.session, self.supervisor, self.metrics, self.watchdog)
+        self.proxy = Proxy(self.cfg, self.supervisor, self.metrics, self.watchdog)
         self.routes = self._routes()
         self.metrics.set_model_sizes({m.id: m.vram_mb for m in self.cfg.models})
-        await self.supervisor.start()
-        self.watchdog.start()
+        try:
+            await self.supervisor.start()
+            self.watchdog.start()
+            await self._listen()
+        except BaseException:
+            await self._close()
+            raise
+        for warning in config.warnings(self.cfg):
+            log.warning("%s", warning)
+
+    async def _listen(self) -> None:
+        gw = self.cfg.gateway
         host, port = config.split_hostport(gw.metrics_listen)
-        await self.metrics.start(host, port)
-        loop = asyncio.get_running_loop()
+        try:
+            await self.metrics.start(host, port)
+        except OSError as exc:
+            raise self._cannot_listen("metrics_listen", exc) from None
         self._server = web.Server(
             self.handle,
             request_factory=self._make_request,
             handler_cancellation=True,
             access_log=None,
+            logger=HTTP_LOG,
             keepalive_timeout=75.0,
         )
         host, port = config.split_hostport(gw.listen)
-        self._listener = await loop.create_server(
-            self._server, host, port, ssl=_tls(self.cfg), backlog=4096, reuse_address=True
-        )
+        loop = asyncio.get_running_loop()
+        try:
+            self._listener = await loop.create_server(
+                self._protocol, host, port, ssl=self._ssl, backlog=4096, reuse_address=True
+            )
+        except OSError as exc:
+            raise self._cannot_listen("listen", exc) from None
         self.port = self._listener.sockets[0].getsockname()[1]
-        for warning in config.warnings(self.cfg):
-            log.warning("%s", warning)
-        log.info("cortex listening on %s (metrics on %s)", gw.listen, gw.metrics_listen)
+        scheme = "https" if self._ssl is not None else "http"
+        mhost, _ = config.split_hostport(gw.metrics_listen)
+        log.info(
+            "cortex listening on %s://%s:%d (metrics on http://%s:%d/metrics)",
+            scheme,
+            _bracket(host),
+            self.port,
+            _bracket(mhost),
+            self.metrics.bound_port,
+        )
+
+    def _cannot_listen(self, key: str, exc: OSError) -> ConfigError:
+        value = getattr(self.cfg.gateway, key)
+        return ConfigError(
+            f"{self._label}: gateway.{key} = {value!r}: cannot listen: {exc.strerror or exc}"
+        )
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to the drain time), close."""
+        """Stop accepting, let in-flight requests finish (up to ``drain_timeout_s``), close.
+
+        Idle keep-alive connections close at once and busy ones after their
+        response, so no new request starts. Requests still running when the
+        drain time is over (or :meth:`cut` is called) have their connections
+        closed, which cancels them and their upstream requests.
+        """
+        self.stopping = True
         if self._listener is not None:
             self._listener.close()
-        drain = self.cfg.gateway.drain_timeout_s
-        if self.active:
-            log.info("draining %d in-flight request(s), up to %g s", self.active, drain)
-            self._idle.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), drain)
         if self._server is not None:
-            await self._server.shutdown(1.0)
+            self._server.pre_shutdown()
+            if not await self._drain(self.cfg.gateway.drain_timeout_s):
+                for connection in self._server.connections:
+                    connection.force_close()
+            # Drained: lets the last responses finish their final write. Cut:
+            # lets the cancelled handlers unwind.
+            await self._server.shutdown(_SHUTDOWN_GRACE_S)
         if self._listener is not None:
             await self._listener.wait_closed()
+        await self._close()
+
+    async def _drain(self, within: float) -> bool:
+        """Wait until no request is in flight, at most ``within`` s; whether that happened."""
+        if self.active and not self._cut:
+            log.info("draining %d in-flight request(s), up to %g s", self.active, within)
+            notify.status(f"draining {self.active} in-flight request(s)")
+            # No await between the check and the clear: the last request to end sets it.
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    await self._idle.wait()
+        if self.active:
+            log.warning("drain over: cutting %d request(s) still in flight", self.active)
+            return False
+        return True
+
+    def cut(self) -> None:
+        """End the drain now, or before it starts (a second SIGTERM or Ctrl-C)."""
+        self._cut = True
+        self._idle.set()
+
+    async def _close(self) -> None:
         await self.watchdog.stop()
         await self.supervisor.stop()
         await self.metrics.stop()
+        self.proxy.pool.close()
         await self.session.close()
 
     def reload(self) -> bool:
-        """Re-read the config file; keep the old config if the new one is invalid."""
+        """Re-read the config file (and ``api_keys_file``, TLS files) and apply it.
+
+        Nodes, pins, model facts, API keys and timeouts change at once; requests
+        in flight finish as they started. An invalid file is rejected with its
+        error logged (file and key) and the running config kept: returns False.
+        ``listen``, ``metrics_listen`` and ``connect_timeout_s`` (and turning TLS
+        on or off) take a restart: their running values are kept, with a warning.
+        """
+        return self._reload() is None
+
+    def _reload(self) -> str | None:
+        """:meth:`reload`; None when applied, else why not (already logged)."""
+        if self.config_path is None:
+            log.warning("config reload: started without a config file, nothing to re-read")
+            return "the gateway was started without a config file"
         try:
-            cfg = config.load(self.config_path)
-            self._read_keys(cfg)
+            loaded = config.load(self.config_path)
+            kept = self._restart_keys(loaded.gateway)
+            cfg = _with_gateway(loaded, kept)
+            keys = _read_keys(cfg, self._label)
+            if self._ssl is not None:  # prove the files before the live context reads them
+                _tls(cfg.gateway, self._label)
         except ConfigError as exc:
             log.error("config reload rejected, keeping the running config: %s", exc)
-            return False
-        self.cfg = cfg
+            notify.status("config reload rejected, running config kept (see the log)")
+            return str(exc)
+        for key, value in kept.items():
+            log.warning(
+                "%s: gateway.%s changed to %r: that takes a restart; still using %r",
+                self._label,
+                key,
+                getattr(loaded.gateway, key),
+                value,
+            )
+        old, self.cfg, self._keys = self.cfg, cfg, keys
         self.supervisor.reconfigure(cfg)
         self.proxy.configure(cfg)
+        self._guards.limit = cfg.gateway.client_timeout_s
         self.metrics.set_model_sizes({m.id: m.vram_mb for m in cfg.models})
-        log.info("config reloaded from %s", self.config_path or "defaults")
-        return True
+        self._reload_certificate()
+        log.info("config reloaded from %s: %s", self._label, _changes(old, cfg, len(keys)))
+        notify.status(f"config reloaded; {len(cfg.nodes)} node(s)")
+        return None
 
-    def _read_keys(self, cfg: Config) -> None:
-        keys = list(cfg.gateway.api_keys)
-        path = cfg.gateway.api_keys_file
-        if path:
-            try:
-                text = Path(path).read_text()
-            except OSError as exc:
-                raise ConfigError(
-                    f"gateway.api_keys_file: cannot read {path}: {exc.strerror}"
-                ) from None
-            keys += [
-                line.strip()
-                for line in text.splitlines()
-                if line.strip() and not line.startswith("#")
-            ]
-        self._keys = tuple(k.encode() for k in keys)
+    def _restart_keys(self, new: config.Gateway) -> dict[str, Any]:
+        """The running values of the keys a reload cannot change, where ``new`` changes them."""
+        running = self.cfg.gateway
+        kept = {
+            key: getattr(running, key)
+            for key in _RESTART_KEYS
+            if getattr(new, key) != getattr(running, key)
+        }
+        if bool(new.tls_cert) != bool(running.tls_cert):
+            kept.update(tls_cert=running.tls_cert, tls_key=running.tls_key)
+        return kept
+
+    def _reload_certificate(self) -> None:
+        """New handshakes use the (renewed) files; open connections keep theirs."""
+        if self._ssl is None:
+            return
+        gw = self.cfg.gateway
+        try:
+            self._ssl.load_cert_chain(gw.tls_cert, gw.tls_key)
+        except (OSError, ssl.SSLError) as exc:  # the files changed again since _tls() read them
+            log.error(
+                "%s: gateway.tls_cert / tls_key: cannot reload (%s); restart cortex",
+                self._label,
+                exc,
+            )
 
     # --- dispatch -------------------------------------------------------------
 
@@ -161,6 +279,8 @@ class Gateway:
             "/v1/messages/count_tokens": _Route({"POST": p.count_tokens}, auth=True),
             "/v1/models": _Route({"GET": self._models}, auth=True),
             "/health": _Route({"GET": self._health}, auth=False),
+            # Claude Code checks that its base URL answers with `HEAD /` (nodes answer `/` too).
+            "/": _Route({"GET": self._health, "HEAD": self._health}, auth=False),
             "/ready": _Route({"GET": self._ready}, auth=False),
             "/admin/reload": _Route({"POST": self._admin_reload}, auth=False, admin=True),
         }
@@ -183,13 +303,8 @@ class Gateway:
                 )
             if route.auth and self._keys and not check_key(self._keys, request):
                 return _error(request, errors.Unauthorized("missing or invalid API key"))
-            if route.admin and not self._admin_ok(request):
-                return _error(
-                    request,
-                    errors.Forbidden(
-                        "the admin API needs gateway.admin_key (or a loopback client when it is unset)"
-                    ),
-                )
+            if route.admin and (denied := self._admin_denied(request)) is not None:
+                return _error(request, denied)
             return await handler(request)
         except CortexError as err:
             return _error(request, err)
@@ -197,6 +312,7 @@ class Gateway:
             log.exception("unexpected error handling %s %s", request.method, request.path)
             return _error(request, errors.NodeError("internal error in cortex (logged)"))
         finally:
+            self._guards.answered(request)
             self.active -= 1
             if not self.active:
                 self._idle.set()
@@ -208,11 +324,18 @@ class Gateway:
             return self._model(request.path[len("/v1/models/") :])
         return _error(request, errors.NotFound(f"no route for {request.method} {request.path}"))
 
-    def _admin_ok(self, request: web.BaseRequest) -> bool:
+    def _admin_denied(self, request: web.BaseRequest) -> CortexError | None:
+        """Why ``request`` may not use the admin API: a wrong key (401), not loopback (403)."""
         key = self.cfg.gateway.admin_key
         if key:
-            return check_key((key.encode(),), request)
-        return bool(request.remote) and config.is_loopback(request.remote or "")
+            if check_key((key.encode(),), request):
+                return None
+            return errors.Unauthorized("the admin API needs gateway.admin_key")
+        if request.remote and config.is_loopback(request.remote):
+            return None
+        return errors.Forbidden(
+            "the admin API needs gateway.admin_key (or a loopback client when it is unset)"
+        )
 
     # --- small handlers ---------------------------------------------------------
 
@@ -237,11 +360,9 @@ class Gateway:
         return web.Response(status=200 if up else 503, body=body, headers=_JSON)
 
     async def _admin_reload(self, request: web.BaseRequest) -> web.StreamResponse:
-        ok = self.reload()
-        if not ok:
-            raise errors.BadRequest(
-                "the new config is invalid; the running config was kept (see the log)"
-            )
+        error = self._reload()
+        if error is not None:
+            raise errors.BadRequest(f"config reload rejected, the running config is kept: {error}")
         return web.Response(body=b'{"reloaded":true}', headers=_JSON)
 
     def _make_request(
@@ -253,7 +374,7 @@ class Gateway:
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
         limit = self.cfg.gateway.max_body_mb * 1024 * 1024
-        return web.BaseRequest(
+        request = web.BaseRequest(
             message,
             payload,
             protocol,
@@ -262,6 +383,13 @@ class Gateway:
             asyncio.get_running_loop(),
             client_max_size=limit,
         )
+        self._guards.started(request)
+        return request
+
+    def _protocol(self) -> asyncio.Protocol:
+        """A new API connection: aiohttp's protocol, behind a receive deadline (slowloris)."""
+        assert self._server is not None
+        return self._guards.wrap(self._server())
 
 
 def _dialect(request: web.BaseRequest) -> Dialect:
@@ -290,37 +418,118 @@ def _client_session(cfg: Config) -> aiohttp.ClientSession:
     )
 
 
-def _tls(cfg: Config) -> ssl.SSLContext | None:
-    gw = cfg.gateway
+def check_files(cfg: Config, label: str) -> None:
+    """Read ``api_keys_file`` and the TLS files as a start would: ConfigError if unusable."""
+    _read_keys(cfg, label)
+    _tls(cfg.gateway, label)
+
+
+def _read_keys(cfg: Config, label: str) -> tuple[bytes, ...]:
+    """``gateway.api_keys`` and the keys of ``api_keys_file`` (one a line, ``#`` comments)."""
+    keys = list(cfg.gateway.api_keys)
+    path = cfg.gateway.api_keys_file
+    if path:
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                f"{label}: gateway.api_keys_file: cannot read {path}: {why}"
+            ) from None
+        stripped = (line.strip() for line in text.splitlines())
+        keys += [line for line in stripped if line and not line.startswith("#")]
+    return tuple(k.encode() for k in keys)
+
+
+def _tls(gw: config.Gateway, label: str) -> ssl.SSLContext | None:
+    """The API port's TLS context (TLS 1.2 and up), or None when ``tls_cert`` is unset."""
     if not gw.tls_cert:
         return None
+    for key in ("tls_cert", "tls_key"):
+        path = getattr(gw, key)
+        try:
+            Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"{label}: gateway.{key}: cannot read {path}: {exc.strerror}"
+            ) from None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
     try:
         ctx.load_cert_chain(gw.tls_cert, gw.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"gateway.tls_cert / tls_key: cannot load: {exc}") from None
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"{label}: gateway.tls_cert / gateway.tls_key: not a PEM certificate chain "
+            f"and its private key: {exc.reason or exc}"
+        ) from None
     return ctx
 
 
+def _with_gateway(cfg: Config, changes: dict[str, Any]) -> Config:
+    if not changes:
+        return cfg
+    return msgspec.structs.replace(cfg, gateway=msgspec.structs.replace(cfg.gateway, **changes))
+
+
+def _changes(old: Config, new: Config, n_keys: int) -> str:
+    """What a reload changed, for its log line: ``nodes +c -a ~b; 2 API key(s)``."""
+    before = {n.name: n for n in old.nodes}
+    after = {n.name: n for n in new.nodes}
+    nodes = [f"+{name}" for name in after if name not in before]
+    nodes += [f"-{name}" for name in before if name not in after]
+    nodes += [f"~{name}" for name in after if name in before and after[name] != before[name]]
+    return (
+        f"nodes {' '.join(nodes) or 'unchanged'}; {len(new.nodes)} node(s), "
+        f"{len(new.models)} model fact(s), {n_keys} API key(s)"
+    )
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 async def serve(cfg: Config, config_path: Path | None) -> None:
-    """Run a gateway until SIGTERM/SIGINT; SIGHUP reloads the config."""
+    """Run a gateway until SIGTERM/SIGINT; SIGHUP reloads the config.
+
+    The first SIGTERM/SIGINT starts the drain (see :meth:`Gateway.stop`); a
+    second one cuts it short. systemd hears READY=1 once both ports listen,
+    RELOADING=1 ... READY=1 around a reload, and STOPPING=1 at the drain.
+    """
     gateway = Gateway(cfg, config_path)
     await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(gateway))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_stop_signal, gateway, stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, _on_reload_signal, gateway)
     notify.ready()
+    notify.status(f"serving; {len(cfg.nodes)} node(s)")
     try:
         await stop.wait()
     finally:
         notify.stopping()
         await gateway.stop()
+    log.info("cortex stopped")
 
 
-def _reload(gateway: Gateway) -> None:
+def _on_stop_signal(gateway: Gateway, stop: asyncio.Event, sig: signal.Signals) -> None:
+    if stop.is_set():
+        log.warning("%s again: cutting the drain short", sig.name)
+        gateway.cut()
+        return
+    log.info(
+        "%s: stopping (in-flight requests get up to %g s)",
+        sig.name,
+        gateway.cfg.gateway.drain_timeout_s,
+    )
+    stop.set()
+
+
+def _on_reload_signal(gateway: Gateway) -> None:
+    if gateway.stopping:
+        log.info("SIGHUP while stopping: ignored")
+        return
     notify.reloading()
     gateway.reload()
     notify.ready()

@@ -30,6 +30,13 @@ def _load(path: str | None) -> config.Config:
         raise click.ClickException(str(exc)) from None
 
 
+def _resolved(path: str | None) -> Path | None:
+    """The file ``config.load(path)`` reads, if any."""
+    if path:
+        return Path(path)
+    return next((p for p in config.DEFAULT_PATHS if p.is_file()), None)
+
+
 _config_option = click.option(
     "--config",
     "config_path",
@@ -46,9 +53,14 @@ _config_option = click.option(
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
+    help="Least severe level logged (to stderr).",
 )
 @click.option(
-    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object a line, for log shippers.",
 )
 def main(log_level: str, log_format: str) -> None:
     """cortex: one OpenAI + Anthropic API in front of a fleet of mistral.rs nodes."""
@@ -62,12 +74,10 @@ def serve(config_path: str | None) -> None:
     from cortex.app import serve as run_gateway
 
     cfg = _load(config_path)
-    path = (
-        Path(config_path)
-        if config_path
-        else next((p for p in config.DEFAULT_PATHS if p.is_file()), None)
-    )
-    _run(run_gateway(cfg, path))
+    try:
+        _run(run_gateway(cfg, _resolved(config_path)))
+    except config.ConfigError as exc:  # TLS files, api_keys_file, a port in use
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -99,8 +109,8 @@ def status(url: str, admin_key: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=int, help="0 picks a free port.")
 @click.option(
     "--model",
     "models",
@@ -111,7 +121,13 @@ def status(url: str, admin_key: str, as_json: bool) -> None:
 @click.option(
     "--vram-mb", default=24576, show_default=True, type=int, help="The node's VRAM budget."
 )
-@click.option("--max-seqs", default=32, show_default=True, type=int)
+@click.option(
+    "--max-seqs",
+    default=32,
+    show_default=True,
+    type=int,
+    help="Sequences run at once; the rest queue.",
+)
 @click.option("--answer-tokens", default=None, type=int, help="Tokens per answer (all models).")
 @click.option("--unloaded", multiple=True, metavar="ID", help="Start this model unloaded.")
 @click.option("--instant", is_flag=True, help="No token pacing (throughput benchmarks).")
@@ -170,12 +186,25 @@ def _parse_fault(text: str) -> tuple[str, Any]:
 
 @main.command()
 @click.option("--port", default=8000, show_default=True, type=int, help="The gateway's API port.")
-@click.option("--metrics-port", default=9100, show_default=True, type=int)
-def demo(port: int, metrics_port: int) -> None:
+@click.option(
+    "--metrics-port", default=9100, show_default=True, type=int, help="The Prometheus port."
+)
+@click.option(
+    "--node-port-base",
+    default=18081,
+    show_default=True,
+    type=int,
+    help="The three emulated nodes listen on this port and the next two (0: free ports).",
+)
+def demo(port: int, metrics_port: int, node_port_base: int) -> None:
     """Start three emulated nodes and a gateway in front of them, on loopback."""
     from cortex.demo import run_demo
 
-    _run(run_demo(port, metrics_port))
+    node_ports = tuple(node_port_base + i if node_port_base else 0 for i in range(3))
+    try:
+        _run(run_demo(port, metrics_port, node_ports))
+    except (config.ConfigError, OSError) as exc:  # a port in use
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -199,8 +228,14 @@ def config_group() -> None:
 @config_group.command("check")
 @_config_option
 def config_check(config_path: str | None) -> None:
-    """Validate the config (file + CORTEX_* environment); exit 1 on errors."""
+    """Validate the config (file + CORTEX_* env) and the files it names; exit 1 on errors."""
+    from cortex.app import check_files
+
     cfg = _load(config_path)
+    try:
+        check_files(cfg, str(_resolved(config_path) or "<defaults>"))
+    except config.ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     for warning in config.warnings(cfg):
         click.echo(f"warning: {warning}", err=True)
     nodes = ", ".join(n.name for n in cfg.nodes) or "none"

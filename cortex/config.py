@@ -49,6 +49,7 @@ class Gateway(_Strict):
     idle_timeout_s: float = 120.0
     queue_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
+    client_timeout_s: float = 60.0
     max_body_mb: int = 50
     tls_cert: str = ""
     tls_key: str = ""
@@ -155,7 +156,7 @@ def warnings(cfg: Config) -> list[str]:
     """Things that work but that an operator should hear about."""
     out = []
     host, _ = split_hostport(cfg.gateway.listen)
-    if not cfg.gateway.api_keys and not cfg.gateway.api_keys_file and not _is_loopback(host):
+    if not cfg.gateway.api_keys and not cfg.gateway.api_keys_file and not is_loopback(host):
         out.append(
             f"gateway.listen = {cfg.gateway.listen!r} is reachable from other machines and "
             "gateway.api_keys is empty: anyone who can reach it can use every model"
@@ -180,6 +181,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the bytes as UTF-8 first
+        raise ConfigError(f"{path}: not UTF-8 text: byte {exc.start}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
@@ -287,6 +290,7 @@ def _check_gateway(gw: Gateway) -> list[str]:
         ("gateway.first_byte_timeout_s", gw.first_byte_timeout_s),
         ("gateway.idle_timeout_s", gw.idle_timeout_s),
         ("gateway.queue_timeout_s", gw.queue_timeout_s),
+        ("gateway.client_timeout_s", gw.client_timeout_s),
         ("gateway.max_body_mb", gw.max_body_mb),
     )
     if gw.drain_timeout_s < 0:
@@ -399,7 +403,7 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -84,11 +84,12 @@ def demo_config(
     )
 
 
-def _banner(port: int, metrics_port: int) -> str:
+def _banner(port: int, metrics_port: int, node_ports: tuple[int, ...]) -> str:
     base = f"http://127.0.0.1:{port}"
+    nodes = ", ".join(f"{name} :{p}" for (name, *_), p in zip(FLEET, node_ports, strict=True))
     return f"""
 cortex demo: three emulated mistral.rs nodes behind a gateway at {base}
-  nodes: gpu-large :{NODE_PORTS[0]}, gpu-medium :{NODE_PORTS[1]}, gpu-small :{NODE_PORTS[2]}
+  nodes: {nodes}
   metrics: http://127.0.0.1:{metrics_port}/metrics
 
 Try:
@@ -109,24 +110,33 @@ Ctrl-C stops everything.
 """
 
 
-async def run_demo(port: int = 8000, metrics_port: int = 9100) -> None:
-    """Run the demo fleet until Ctrl-C or SIGTERM."""
+async def run_demo(
+    port: int = 8000, metrics_port: int = 9100, node_ports: tuple[int, ...] = NODE_PORTS
+) -> None:
+    """Run the demo fleet until Ctrl-C or SIGTERM; port 0 (anywhere) picks a free port."""
     nodes = [
         SimNode(SimConfig(models=specs, vram_mb=vram, name=name)) for name, vram, specs, _ in FLEET
     ]
-    for node, p in zip(nodes, NODE_PORTS, strict=True):
-        await node.start("127.0.0.1", p)
-    gateway = Gateway(demo_config(port, metrics_port))
-    await gateway.start()
-    print(_banner(port, metrics_port), flush=True)
+    try:
+        for node, p in zip(nodes, node_ports, strict=True):
+            await node.start("127.0.0.1", p)
+        node_ports = tuple(node.port for node in nodes)
+        gateway = Gateway(demo_config(port, metrics_port, node_ports))
+        await gateway.start()
+        try:
+            print(_banner(gateway.port, gateway.metrics.bound_port, node_ports), flush=True)
+            await _until_signalled()
+        finally:
+            await gateway.stop()
+    finally:
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                await node.stop()
+
+
+async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await gateway.stop()
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                await node.stop()
+    await stop.wait()

@@ -24,6 +24,7 @@ import orjson
 if TYPE_CHECKING:
     from cortex.metrics import RequestRecord
 
+_CORTEX = logging.getLogger("cortex")
 ACCESS = logging.getLogger("cortex.access")
 LEVELS = {
     "debug": logging.DEBUG,
@@ -115,10 +116,11 @@ def access(rec: RequestRecord) -> None:
     if not ACCESS.isEnabledFor(logging.INFO):
         return
     handler = _handler
-    if handler is None or handler.access_line is None or ACCESS.handlers:
+    line = handler.access_line if handler is not None else None
+    if handler is None or line is None or ACCESS.handlers or handler not in _CORTEX.handlers:
         ACCESS.info("request", extra={"fields": access_fields(rec)})
         return
-    handler.add(handler.access_line(rec))
+    handler.add(line(rec))
 
 
 def access_fields(rec: RequestRecord) -> dict[str, object]:

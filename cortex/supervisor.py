@@ -273,11 +273,12 @@ class Supervisor:
             self.events.queued(model_id, -1)
         return handle, time.monotonic() - started
 
-    def report_failure(self, node: NodeHandle, reason: str) -> None:
+    def report_failure(self, node: NodeHandle, reason: str, *, poll_now: bool = True) -> None:
         """A connection to ``node`` failed before its first byte: stop routing there now.
 
         The node is marked down at once and polled right away; one good poll
-        brings it back.
+        brings it back. Not ``poll_now`` (a node that answers polls but not
+        requests: a first-byte timeout): it stays down until the next regular poll.
         """
         rec = self._nodes.get(node.name)
         if rec is None or rec.handle is not node:
@@ -288,8 +289,9 @@ class Supervisor:
             rec.failures = max(rec.failures, self.cfg.poll.down_after)
             rec.error = reason
             self._publish()
-        self._soon.add(rec.name)
-        self._wake.set()
+        if poll_now:
+            self._soon.add(rec.name)
+            self._wake.set()
 
     async def _ensure(
         self, model_id: str, exclude: frozenset[str], *, patient: bool = True

@@ -48,20 +48,35 @@ def test_defaults_when_sections_are_absent(tmp_path: Path) -> None:
     [
         ("[gateway]\nlisten_port = 1\n", "gateway.listen_port: unknown key"),
         ("[[nodes]]\nname='a'\nendpoint='http://a:1'\nvram='x'\n", "nodes[0].vram: unknown key"),
-        ("[[nodes]]\nname='a'\nendpoint='http://a:1'\nvram_mb='lots'\n", "nodes[0].vram_mb: Expected `int`, got `str`"),
+        (
+            "[[nodes]]\nname='a'\nendpoint='http://a:1'\nvram_mb='lots'\n",
+            "nodes[0].vram_mb: Expected `int`, got `str`",
+        ),
         ("[[nodes]]\nname='a'\n", "nodes[0].endpoint: required key is missing"),
         ("[eviction]\nstrategy='fifo'\n", "eviction.strategy: Invalid enum value 'fifo'"),
         ("[gateway]\nlisten='8000'\n", "gateway.listen: '8000' is not HOST:PORT"),
         ("[gateway]\nqueue_timeout_s=0\n", "gateway.queue_timeout_s: must be > 0"),
-        ("[gateway]\ntls_cert='c.pem'\n", "gateway.tls_cert / gateway.tls_key: set both or neither"),
+        (
+            "[gateway]\ntls_cert='c.pem'\n",
+            "gateway.tls_cert / gateway.tls_key: set both or neither",
+        ),
         ("[poll]\ndown_after=0\n", "poll.down_after: must be > 0"),
         (
             "[[nodes]]\nname='a'\nendpoint='http://a:1'\n[[nodes]]\nname='a'\nendpoint='http://b:1'\n",
             "nodes[1].name: duplicate node name 'a'",
         ),
-        ("[[nodes]]\nname='a'\nendpoint='ftp://a'\n", "nodes[0].endpoint: 'ftp://a' is not an http:// or https:// URL"),
-        ("[[nodes]]\nname='a'\nendpoint='http://:8080'\n", "nodes[0].endpoint: 'http://:8080' has no host"),
-        ("[[nodes]]\nname='a'\nendpoint='http://a:1/v1'\n", "give the node's base URL, without a path"),
+        (
+            "[[nodes]]\nname='a'\nendpoint='ftp://a'\n",
+            "nodes[0].endpoint: 'ftp://a' is not an http:// or https:// URL",
+        ),
+        (
+            "[[nodes]]\nname='a'\nendpoint='http://:8080'\n",
+            "nodes[0].endpoint: 'http://:8080' has no host",
+        ),
+        (
+            "[[nodes]]\nname='a'\nendpoint='http://a:1/v1'\n",
+            "give the node's base URL, without a path",
+        ),
         (
             "[[nodes]]\nname='a'\nendpoint='http://a:1'\nvram_mb=100\npinned=['m']\n"
             "[[models]]\nid='m'\nvram_mb=200\n",
@@ -92,7 +107,9 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 
 def test_env_overrides_file_and_defaults(tmp_path: Path) -> None:
-    path = write(tmp_path, "[gateway]\nlisten='0.0.0.0:8000'\n[[nodes]]\nname='a'\nendpoint='http://a:1'\n")
+    path = write(
+        tmp_path, "[gateway]\nlisten='0.0.0.0:8000'\n[[nodes]]\nname='a'\nendpoint='http://a:1'\n"
+    )
     env = {
         "CORTEX_GATEWAY__LISTEN": "127.0.0.1:8001",
         "CORTEX_GATEWAY__API_KEYS": '["k1", "k2"]',
@@ -125,7 +142,12 @@ def test_dump_round_trips(tmp_path: Path) -> None:
 def test_warns_about_open_listener_without_keys() -> None:
     cfg = config.load(REPO / "cortex.toml", {})
     assert any("api_keys is empty" in w for w in config.warnings(cfg))
-    local = config.decode({"gateway": {"listen": "127.0.0.1:8000"}, "nodes": [{"name": "a", "endpoint": "http://a:1"}]})
+    local = config.decode(
+        {
+            "gateway": {"listen": "127.0.0.1:8000"},
+            "nodes": [{"name": "a", "endpoint": "http://a:1"}],
+        }
+    )
     assert config.warnings(local) == []
 
 
@@ -139,5 +161,10 @@ def test_warns_about_open_listener_without_keys() -> None:
     ],
 )
 def test_model_map_exact_then_globs_in_order(name: str, expected: str) -> None:
-    mapping = {"claude-*opus*": "big", "claude-*haiku*": "small", "exact": "pinned-target", "*": "default"}
+    mapping = {
+        "claude-*opus*": "big",
+        "claude-*haiku*": "small",
+        "exact": "pinned-target",
+        "*": "default",
+    }
     assert config.map_model(mapping, name) == expected

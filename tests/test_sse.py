@@ -141,15 +141,6 @@ def test_mid_stream_error_and_truncation_are_seen() -> None:
     assert not cut.done and not cut.error
 
 
-def test_usage_far_from_the_end_is_still_found_in_the_first_chunk() -> None:
-    start = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":9}}}\n\n'
-    delta = (
-        b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"x"}}\n\n'
-    )
-    tap = _tap(start + delta * 50, [len(start) + len(delta) * i for i in range(50)])
-    assert tap.prompt_tokens == 9 and not tap.done
-
-
 def test_anthropic_native_stream_usage() -> None:
     stream = (
         b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","usage":{"input_tokens":12,"output_tokens":1}}}\n\n'

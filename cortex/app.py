@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -29,7 +30,7 @@ from cortex.admin import admin_routes
 from cortex.config import Config, ConfigError
 from cortex.errors import CortexError, Dialect
 from cortex.guard import HTTP_LOG, Guards
-from cortex.metrics import Metrics
+from cortex.metrics import Metrics, RequestRecord
 from cortex.proxy import Proxy, check_key
 from cortex.supervisor import Supervisor
 from cortex.watchdog import Watchdog
@@ -44,6 +45,15 @@ _RESTART_KEYS = ("listen", "metrics_listen", "connect_timeout_s")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 _JSON = {"Content-Type": "application/json"}
+_ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "count_tokens",
+    "/v1/models": "models",
+}
 
 
 class _Route:
@@ -302,7 +312,7 @@ class Gateway:
                     errors.MethodNotAllowed(f"{request.method} is not allowed on {request.path}"),
                 )
             if route.auth and self._keys and not check_key(self._keys, request):
-                return _error(request, errors.Unauthorized("missing or invalid API key"))
+                return self._unauthorized(request)
             if route.admin and (denied := self._admin_denied(request)) is not None:
                 return _error(request, denied)
             return await handler(request)
@@ -320,9 +330,30 @@ class Gateway:
     async def _unrouted(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path.startswith("/v1/models/") and request.method == "GET":
             if self._keys and not check_key(self._keys, request):
-                return _error(request, errors.Unauthorized("missing or invalid API key"))
+                return self._unauthorized(request)
             return self._model(request.path[len("/v1/models/") :])
         return _error(request, errors.NotFound(f"no route for {request.method} {request.path}"))
+
+    def _unauthorized(self, request: web.BaseRequest) -> web.Response:
+        """401, and a metrics/access-log record of it (never the key): attempts leave a trace."""
+        response = _error(request, errors.Unauthorized("missing or invalid API key"))
+        now = time.monotonic()
+        self.metrics.record(
+            RequestRecord(
+                request_id=self.proxy.request_id(request),
+                client=request.remote or "",
+                model="",
+                node="",
+                endpoint=_ENDPOINTS.get(request.path, "other"),
+                status=response.status,
+                stream=False,
+                started=now,
+                ended=now,
+                error="unauthorized",
+                dialect=_dialect(request).value,
+            )
+        )
+        return response
 
     def _admin_denied(self, request: web.BaseRequest) -> CortexError | None:
         """Why ``request`` may not use the admin API: a wrong key (401), not loopback (403)."""
@@ -331,8 +362,9 @@ class Gateway:
             if check_key((key.encode(),), request):
                 return None
             return errors.Unauthorized("the admin API needs gateway.admin_key")
-        if request.remote and config.is_loopback(request.remote):
-            return None
+        forwarded = "Forwarded" in request.headers or "X-Forwarded-For" in request.headers
+        if request.remote and config.is_loopback(request.remote) and not forwarded:
+            return None  # a proxy on this host makes every client loopback: not trusted
         return errors.Forbidden(
             "the admin API needs gateway.admin_key (or a loopback client when it is unset)"
         )

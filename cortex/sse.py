@@ -26,6 +26,8 @@ _FIRST_TOKEN = re.compile(
 )
 # How usage starts in mistral.rs / orjson output, and in Python-json servers (vLLM).
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+# At a line start only: generated text may say "event: error" (it cannot hold a raw newline).
+_ERROR_LINE = re.compile(rb'^(?:data: ?\{"error"|event: error)', re.MULTILINE)
 _LAST_FRAME = 256
 _WINDOW = 4096
 # Enough chunks to hold a stream's last frames even when each arrives alone.
@@ -108,8 +110,8 @@ class Tap:
             self._recent.append(whole)
 
     def _look_for_first_token(self, lines: bytes) -> None:
-        if not self._head:
-            self._head = lines
+        if len(self._head) < _WINDOW:  # several chunks if small: message_start's usage may be split
+            self._head += lines
         if _FIRST_TOKEN.search(lines):
             self.first_token_at = time.monotonic()
 
@@ -128,7 +130,7 @@ class Tap:
             self._read_usage(self._head, 0, _WINDOW)
         lo = max(0, len(end) - _WINDOW)
         self._read_usage(end, lo, len(end))
-        self.error = end.find(b'{"error"', lo) >= 0 or end.find(b"event: error", lo) >= 0
+        self.error = _ERROR_LINE.search(end, lo) is not None
         last = end[-_LAST_FRAME:].rstrip().rpartition(b"\n\n")[2]
         self.done = last == b"data: [DONE]" or last.startswith(b"event: message_stop")
         if self.done:  # a closing frame (finish_reason, usage) without text is no token

@@ -29,6 +29,7 @@ from cortex.fleet import NodeHandle
 
 _READ_BUFSIZE = 1 << 16
 _MAX_IDLE = 512
+_MAX_CONNECTING = 128
 
 
 class ConnectFailed(ConnectionError):
@@ -99,6 +100,7 @@ class Pool:
         self._idle: dict[tuple[str, int, bool], deque[ResponseHandler]] = {}
         self._targets: dict[tuple[str, str], _Target] = {}
         self._lines: dict[str, bytes] = {}
+        self._connecting: dict[tuple[str, int, bool], asyncio.Semaphore] = {}
 
     async def request(self, node: NodeHandle, path: str, body: bytes, request_id: str) -> Reply:
         """POST ``body`` to ``path`` on ``node``; returns once the status line arrived."""
@@ -153,6 +155,15 @@ class Pool:
         idle.append(proto)
 
     async def _connect(self, target: _Target) -> ResponseHandler:
+        # A burst of thousands of new connections would overflow the node's accept
+        # backlog (1024) and time out: connect a bounded number at a time.
+        gate = self._connecting.get(target.key)
+        if gate is None:
+            gate = self._connecting[target.key] = asyncio.Semaphore(_MAX_CONNECTING)
+        async with gate:
+            return await self._open(target)
+
+    async def _open(self, target: _Target) -> ResponseHandler:
         loop = asyncio.get_running_loop()
         try:
             _, proto = await asyncio.wait_for(
@@ -163,7 +174,7 @@ class Pool:
             )
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(
-                f"cannot connect to {target.host}:{target.port}: {exc or 'timed out'}"
+                f"cannot connect to {target.host}:{target.port}: {str(exc) or 'timed out'}"
             ) from exc
         return proto
 

@@ -29,7 +29,7 @@ _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 # At a line start only: generated text may say "event: error" (it cannot hold a raw newline).
 _ERROR_LINE = re.compile(rb'^(?:data: ?\{"error"|event: error)', re.MULTILINE)
 _LAST_FRAME = 256
-_WINDOW = 4096
+_WINDOW = 2048  # the last usage line and the terminator of any stream fit well within it
 # Enough chunks to hold a stream's last frames even when each arrives alone.
 _RECENT_CHUNKS = 8
 
@@ -126,11 +126,13 @@ class Tap:
         if self._tail:
             self.frames += self._tail.count(b"data:")
         end = self._last_bytes()
-        if self._head and self._head is not (self._recent[0] if self._recent else None):
+        if self._head:  # read first: the end's usage, read next, wins where both have one
             self._read_usage(self._head, 0, _WINDOW)
         lo = max(0, len(end) - _WINDOW)
         self._read_usage(end, lo, len(end))
-        self.error = _ERROR_LINE.search(end, lo) is not None
+        maybe_error = end.find(b'{"error"', lo) >= 0 or end.find(b"event: error", lo) >= 0
+        # bytes.find first: the anchored regex costs ~10x more over a whole window.
+        self.error = maybe_error and _ERROR_LINE.search(end, lo) is not None
         last = end[-_LAST_FRAME:].rstrip().rpartition(b"\n\n")[2]
         self.done = last == b"data: [DONE]" or last.startswith(b"event: message_stop")
         if self.done:  # a closing frame (finish_reason, usage) without text is no token

@@ -55,7 +55,8 @@ _UPSTREAM_ERRORS = (
 )
 # A count is advisory: past this, or on any failure, the estimate answers instead.
 _COUNT_TIMEOUT_S = 10.0
-_CLIENT_GONE = (ConnectionResetError, ConnectionError)
+# aiohttp raises ClientConnectionResetError (a ConnectionResetError) writing to a gone client.
+_CLIENT_GONE = (ConnectionResetError,)
 
 
 class Router(Protocol):
@@ -144,6 +145,8 @@ class Proxy:
             return await ex.forward(request.path, body, None)
         except CortexError as err:
             return await ex.fail(err)
+        except _CLIENT_GONE:
+            return ex.gone()
         finally:
             ex.close()
 
@@ -162,6 +165,8 @@ class Proxy:
             return await ex.forward("/v1/messages", raw, tr)
         except CortexError as err:
             return await ex.fail(err)
+        except _CLIENT_GONE:
+            return ex.gone()
         finally:
             ex.close()
 
@@ -182,6 +187,8 @@ class Proxy:
             return ex.json(200, orjson.dumps({"input_tokens": count}))
         except CortexError as err:
             return await ex.fail(err)
+        except _CLIENT_GONE:
+            return ex.gone()
         finally:
             ex.close()
 
@@ -659,6 +666,12 @@ class _Exchange:
         headers = self._headers(self.rec.node or None)
         headers.update(errors.headers_for(err))
         return _response(status, errors.body(err, self.dialect), "application/json", headers)
+
+    def gone(self) -> web.StreamResponse:
+        """The client disconnected while cortex was writing to it."""
+        self.rec.status = 499
+        self.rec.error = self.rec.error or "client_disconnected"
+        return self.response if self.response is not None else web.Response(status=499)
 
     def close(self) -> None:
         """Hand the record to the metrics layer; runs exactly once per request."""

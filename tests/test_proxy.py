@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -285,3 +286,26 @@ async def test_api_keys(make_fleet: FleetFactory) -> None:
             assert r.status == 200
         async with s.get(fleet.url + "/health") as r:
             assert r.status == 200
+
+
+async def test_a_client_gone_during_a_load_is_a_quiet_499(
+    make_fleet: FleetFactory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cortex.proxy.KEEPALIVE_EVERY_S", 0.05)
+    fleet = await make_fleet({"a": SimConfig(models=[SimModel("cold", loaded=False, load_s=0.5)])})
+    body = orjson.dumps({"model": "cold", "stream": True, "messages": HELLO})
+    with caplog.at_level(logging.INFO, logger="cortex"):
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(
+                fleet.url + "/v1/chat/completions",
+                data=body,
+                headers={"content-type": "application/json"},
+            )
+            assert r.status == 200
+            assert (await r.content.readany()).startswith(b": cortex")
+            r.close()  # gone while the model loads and keep-alives are being written
+            await asyncio.sleep(0.8)
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert errors == []
+    access = [getattr(rec, "fields", {}) for rec in caplog.records if rec.name == "cortex.access"]
+    assert [(f["status"], f["error"]) for f in access] == [(499, "client_disconnected")]

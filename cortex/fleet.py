@@ -138,6 +138,8 @@ class NodeView:
     waiting: int | None = None
     error: str = ""  # why the last poll failed, when it did
     used_mb: int = 0  # sizes of its resident models, as far as `[[models]]` tells
+    gpu_used_mb: int | None = None  # measured by the node's agent (nvidia-smi), when it has one
+    gpu_total_mb: int | None = None
 
     @property
     def name(self) -> str:

@@ -26,6 +26,8 @@ cortex_queued_requests                     gauge       model
 cortex_node_up                             gauge       node
 cortex_node_vram_used_bytes                gauge       node
 cortex_node_vram_total_bytes               gauge       node
+cortex_node_gpu_memory_used_bytes          gauge       node
+cortex_node_gpu_memory_total_bytes         gauge       node
 cortex_model_loaded                        gauge       node, model
 cortex_model_loads_total                   counter     node, model, result
 cortex_model_load_duration_seconds         histogram   node, model
@@ -279,6 +281,16 @@ class Metrics:
         self._vram_total = g(
             "cortex_node_vram_total_bytes", "Configured VRAM of a node.", ("node",)
         )
+        self._gpu_used = g(
+            "cortex_node_gpu_memory_used_bytes",
+            "GPU memory in use on a node, measured by its agent (nvidia-smi).",
+            ("node",),
+        )
+        self._gpu_total = g(
+            "cortex_node_gpu_memory_total_bytes",
+            "GPU memory of a node, measured by its agent (nvidia-smi).",
+            ("node",),
+        )
         self._loaded = g(
             "cortex_model_loaded",
             "1 when the model is loaded on the node, else 0.",
@@ -389,7 +401,15 @@ class Metrics:
         return body, headers["Content-Type"]
 
     def _refresh_fleet_gauges(self) -> None:
-        gauges = (self._node_up, self._inflight, self._vram_used, self._vram_total, self._loaded)
+        gauges = (
+            self._node_up,
+            self._inflight,
+            self._vram_used,
+            self._vram_total,
+            self._gpu_used,
+            self._gpu_total,
+            self._loaded,
+        )
         for gauge in gauges:
             gauge.clear()  # drops nodes and models that left the fleet
         sizes = self._sizes
@@ -401,6 +421,9 @@ class Metrics:
             self._vram_used.set(key, used * _MIB)
             if view.vram_mb:
                 self._vram_total.set(key, view.vram_mb * _MIB)
+            if view.gpu_used_mb is not None and view.gpu_total_mb is not None:
+                self._gpu_used.set(key, view.gpu_used_mb * _MIB)
+                self._gpu_total.set(key, view.gpu_total_mb * _MIB)
             for model, state in view.models.items():
                 self._loaded.set((name, model), 1 if state in _LOADED else 0)
 

@@ -30,6 +30,7 @@ import msgspec
 import orjson
 
 from cortex import placement
+from cortex.agent import GpuReport
 from cortex.config import Config
 from cortex.errors import CortexError, ModelNotFound, NotFound, Unavailable
 from cortex.fleet import (
@@ -136,6 +137,7 @@ class PollResult:
     waiting: int | None = None
     error: str = ""
     epoch: int = 0  # the node's model epoch when the poll was sent
+    gpu: tuple[int, int] | None = None  # (used, total) MiB from the node's agent
 
 
 @dataclass(slots=True, eq=False)
@@ -155,6 +157,7 @@ class _Node:
     pins_added: set[str] = field(default_factory=set)  # by the admin API, on top of config
     pins_removed: set[str] = field(default_factory=set)
     warned_no_agent: bool = False
+    gpu: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -645,10 +648,31 @@ class Supervisor:
     async def _poll_node(self, rec: _Node) -> PollResult:
         """``GET /v1/models`` and ``GET /metrics`` at once, each within ``poll.timeout_s``."""
         epoch = rec.epoch
-        result, metrics = await asyncio.gather(self._get_models(rec), self._get_metrics(rec))
+        result, metrics, gpu = await asyncio.gather(
+            self._get_models(rec), self._get_metrics(rec), self._get_gpu(rec)
+        )
         result.running, result.waiting = metrics
         result.epoch = epoch
+        result.gpu = gpu
         return result
+
+    async def _get_gpu(self, rec: _Node) -> tuple[int, int] | None:
+        """Measured GPU memory (used, total MiB) from the node's agent, if it has one."""
+        node = rec.handle.config
+        if not node.agent:
+            return None
+        try:
+            async with self.session.get(
+                f"{node.agent.rstrip('/')}/gpu",
+                headers={"Authorization": f"Bearer {node.agent_token}"},
+                timeout=aiohttp.ClientTimeout(total=self.cfg.poll.timeout_s),
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                report = _decode_gpu(await resp.read())
+        except (*_HTTP_ERRORS, msgspec.DecodeError):
+            return None
+        return _gpu_totals(report)
 
     async def _get_models(self, rec: _Node) -> PollResult:
         try:
@@ -685,6 +709,7 @@ class Supervisor:
             rec.state, ok, rec.failures, self.cfg.poll.down_after
         )
         rec.running, rec.waiting = result.running, result.waiting
+        rec.gpu = result.gpu
         if result.models is not None:
             rec.error = ""
             if result.epoch == rec.epoch:
@@ -705,7 +730,8 @@ class Supervisor:
         return NodeView(
             handle=rec.handle,
             state=rec.state,
-            vram_mb=rec.handle.config.vram_mb,
+            # configured, else what the agent measured: placement needs a capacity
+            vram_mb=rec.handle.config.vram_mb or (rec.gpu[1] if rec.gpu else 0),
             models=dict(rec.models),
             pinned=rec.pinned,
             cycles=rec.cycles,
@@ -713,6 +739,8 @@ class Supervisor:
             waiting=rec.waiting,
             error=rec.error,
             used_mb=sum(sizes.get(m, 0) for m, s in rec.models.items() if s.resident),
+            gpu_used_mb=rec.gpu[0] if rec.gpu else None,
+            gpu_total_mb=rec.gpu[1] if rec.gpu else None,
         )
 
     def _publish(self, *, force: bool = False) -> None:
@@ -952,6 +980,8 @@ def _node_info(view: NodeView, sizes: Mapping[str, int], now: float) -> dict[str
         "state": view.state.value,
         "vram_total_mb": view.vram_mb,
         "vram_used_mb": view.used_mb,
+        "gpu_used_mb": view.gpu_used_mb,
+        "gpu_total_mb": view.gpu_total_mb,
         "inflight": handle.inflight,
         "running": view.running,
         "waiting": view.waiting,
@@ -972,6 +1002,17 @@ def _headers(rec: _Node, *, json: bool = False) -> dict[str, str]:
     if rec.handle.config.api_key:
         headers["Authorization"] = f"Bearer {rec.handle.config.api_key}"
     return headers
+
+
+_decode_gpu = msgspec.json.Decoder(GpuReport).decode
+
+
+def _gpu_totals(report: GpuReport) -> tuple[int, int] | None:
+    """Used and total MiB over all of a node's GPUs; ``None`` when nothing was measured."""
+    gpus = [g for g in report.gpus if g.memory_used_mb is not None and g.memory_total_mb]
+    if not report.available or not gpus:
+        return None
+    return sum(g.memory_used_mb or 0 for g in gpus), sum(g.memory_total_mb or 0 for g in gpus)
 
 
 def _describe(exc: BaseException) -> str:

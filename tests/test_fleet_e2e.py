@@ -461,3 +461,68 @@ async def test_the_demo_fleet_evicts_when_models_are_asked_for_in_turn(
             await gateway.stop()
         for node in nodes:
             await node.stop()
+
+
+# --- measured GPU memory from the node agent -------------------------------------------
+
+
+async def test_the_agents_gpu_figures_reach_the_fleet_view_metrics_and_placement(
+    make_fleet: FleetFactory, http: aiohttp.ClientSession, aiohttp_server: Any
+) -> None:
+    tokens: list[str] = []
+
+    async def gpu(request: web.Request) -> web.Response:
+        tokens.append(request.headers.get("Authorization", ""))
+        report = {
+            "available": True,
+            "gpus": [
+                {
+                    "index": 0,
+                    "name": "RTX 4090",
+                    "memory_used_mb": 6000,
+                    "memory_total_mb": 8000,
+                    "utilization_pct": 40,
+                },
+                {
+                    "index": 1,
+                    "name": "RTX 4090",
+                    "memory_used_mb": 1000,
+                    "memory_total_mb": 8000,
+                    "utilization_pct": 5,
+                },
+            ],
+        }
+        return web.json_response(report)
+
+    app = web.Application()
+    app.router.add_get("/gpu", gpu)
+    agent = await aiohttp_server(app)
+    # No vram_mb in the config: the measured 16000 MiB is the node's capacity.
+    models = [model("x", 9000), model("y", 9000, loaded=False)]
+    fleet = await make_fleet(
+        {"a": SimConfig(models=models, vram_mb=18000)},
+        nodes=[
+            {
+                "name": "a",
+                "endpoint": "{url:a}",
+                "agent": str(agent.make_url("")).rstrip("/"),
+                "agent_token": "s3cret",
+            }
+        ],
+        models=sizes(*models),
+    )
+    await fleet.wait_for(lambda: fleet.gateway.supervisor.snapshot.nodes["a"].gpu_total_mb == 16000)
+    info = (await admin_fleet(http, fleet))["a"]
+    assert (info["gpu_used_mb"], info["gpu_total_mb"], info["vram_total_mb"]) == (
+        7000,
+        16000,
+        16000,
+    )
+    assert tokens[0] == "Bearer s3cret"
+    metrics = fleet.gateway.metrics
+    assert metrics.sample("cortex_node_gpu_memory_used_bytes", node="a") == 7000 * 1024 * 1024
+    assert metrics.sample("cortex_node_gpu_memory_total_bytes", node="a") == 16000 * 1024 * 1024
+    # 9000 + 9000 > 16000 measured: loading y must evict x first.
+    status, node, _ = await chat(http, fleet, "y")
+    assert (status, node) == (200, "a")
+    assert await statuses(http, fleet, "a") == {"x": "unloaded", "y": "loaded"}

@@ -676,6 +676,8 @@ async def test_fleet_report(make: Make) -> None:
         "state": "up",
         "vram_total_mb": 24576,
         "vram_used_mb": 4000,
+        "gpu_used_mb": None,
+        "gpu_total_mb": None,
         "inflight": 1,
         "running": 0,
         "waiting": 0,

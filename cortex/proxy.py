@@ -102,6 +102,9 @@ _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _decode_count = msgspec.json.Decoder(_Count).decode
 
 
+_Work = Callable[["_Exchange", bytes, _View, str], Awaitable[web.StreamResponse]]
+
+
 class Proxy:
     """Request handlers of the API port that talk to nodes."""
 
@@ -135,34 +138,27 @@ class Proxy:
 
     async def openai(self, request: web.BaseRequest, endpoint: str) -> web.StreamResponse:
         """``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``."""
-        ex = _Exchange(self, request, endpoint, Dialect.OPENAI)
-        try:
-            raw = await self._read_body(request)
-            view = _view_of(raw)
-            model_id = self._resolve(view.model, ex)
-            body = self._rewrite(raw, view, model_id)
-            ex.rec.stream = view.stream
-            return await ex.forward(request.path, body, None)
-        except CortexError as err:
-            return await ex.fail(err)
-        except _CLIENT_GONE:
-            return ex.gone()
-        finally:
-            ex.close()
+        return await self._serve(request, endpoint, Dialect.OPENAI, self._openai)
 
     async def messages(self, request: web.BaseRequest) -> web.StreamResponse:
         """``/v1/messages``: Anthropic Messages, translated or passed through natively."""
-        ex = _Exchange(self, request, "messages", Dialect.ANTHROPIC)
+        return await self._serve(request, "messages", Dialect.ANTHROPIC, self._messages)
+
+    async def count_tokens(self, request: web.BaseRequest) -> web.StreamResponse:
+        """``/v1/messages/count_tokens``: the node's count if it has the route, else an estimate."""
+        return await self._serve(request, "count_tokens", Dialect.ANTHROPIC, self._count)
+
+    async def _serve(
+        self, request: web.BaseRequest, endpoint: str, dialect: Dialect, work: _Work
+    ) -> web.StreamResponse:
+        """Read and route the body, run ``work``, answer errors in ``dialect``, record once."""
+        ex = _Exchange(self, request, endpoint, dialect)
         try:
             raw = await self._read_body(request)
             view = _view_of(raw)
             model_id = self._resolve(view.model, ex)
             ex.rec.stream = view.stream
-            cap = self.max_tokens.get(model_id, DEFAULT_ANTHROPIC_MAX_TOKENS)
-            tr = _Translation(raw, view, model_id, cap)
-            if not self._native_nodes:
-                tr.translated()  # reject what cannot be translated before a node is chosen
-            return await ex.forward("/v1/messages", raw, tr)
+            return await work(ex, raw, view, model_id)
         except CortexError as err:
             return await ex.fail(err)
         except _CLIENT_GONE:
@@ -170,27 +166,31 @@ class Proxy:
         finally:
             ex.close()
 
-    async def count_tokens(self, request: web.BaseRequest) -> web.StreamResponse:
-        """``/v1/messages/count_tokens``: the node's count if it has the route, else an estimate."""
-        ex = _Exchange(self, request, "count_tokens", Dialect.ANTHROPIC)
-        try:
-            raw = await self._read_body(request)
-            view = _view_of(raw)
-            model_id = self._resolve(view.model, ex)
-            node = self.router.pick(model_id)
-            if node is not None and _speaks_messages(node):
-                counted = await self._count_on(node, self._rewrite(raw, view, model_id), ex)
-                if counted is not None:
-                    return counted
-            count = anthropic.estimate_tokens(_object_of(raw))
-            ex.rec.prompt_tokens = count
-            return ex.json(200, orjson.dumps({"input_tokens": count}))
-        except CortexError as err:
-            return await ex.fail(err)
-        except _CLIENT_GONE:
-            return ex.gone()
-        finally:
-            ex.close()
+    async def _openai(
+        self, ex: _Exchange, raw: bytes, view: _View, model_id: str
+    ) -> web.StreamResponse:
+        return await ex.forward(ex.request.path, self._rewrite(raw, view, model_id), None)
+
+    async def _messages(
+        self, ex: _Exchange, raw: bytes, view: _View, model_id: str
+    ) -> web.StreamResponse:
+        cap = self.max_tokens.get(model_id, DEFAULT_ANTHROPIC_MAX_TOKENS)
+        tr = _Translation(raw, view, model_id, cap)
+        if not self._native_nodes:
+            tr.translated()  # reject what cannot be translated before a node is chosen
+        return await ex.forward("/v1/messages", raw, tr)
+
+    async def _count(
+        self, ex: _Exchange, raw: bytes, view: _View, model_id: str
+    ) -> web.StreamResponse:
+        node = self.router.pick(model_id)
+        if node is not None and _speaks_messages(node):
+            counted = await self._count_on(node, self._rewrite(raw, view, model_id), ex)
+            if counted is not None:
+                return counted
+        count = anthropic.estimate_tokens(_object_of(raw))
+        ex.rec.prompt_tokens = count
+        return ex.json(200, orjson.dumps({"input_tokens": count}))
 
     async def _count_on(self, node: NodeHandle, body: bytes, ex: _Exchange) -> web.Response | None:
         """The node's own count; ``None`` (use the estimate) when it has none to give."""
@@ -703,6 +703,3 @@ def _uncancel() -> bool:
 def _response(status: int, body: bytes, ctype: str, headers: CIMultiDict[str]) -> web.Response:
     headers["Content-Type"] = ctype
     return web.Response(status=status, body=body, headers=headers)
-
-
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]

@@ -399,6 +399,7 @@ async def test_a_broken_stream_makes_the_sdk_raise(
     assert kinds[0] == "message_start" and kinds.count("message_start") == 1
     assert kinds[-1] == "error" and kinds.count("error") == 1
     assert "message_stop" not in kinds
+    assert len(kept.records) == 2
     assert all(rec.error for rec in kept.records)
 
 

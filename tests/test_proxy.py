@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from cortex.sim import SimConfig, SimModel
+from cortex.sim import SimConfig, SimModel, answer_text
 from tests.conftest import FleetFactory
 
 _clients: list[openai.AsyncOpenAI] = []
@@ -66,20 +66,23 @@ async def test_chat_plain_and_streamed_match_the_node(make_fleet: FleetFactory) 
     assert text == direct.choices[0].message.content
 
 
-async def test_completions_and_embeddings(make_fleet: FleetFactory) -> None:
+async def test_completions_and_embeddings_match_the_node(make_fleet: FleetFactory) -> None:
     fleet = await make_fleet()
-    client = oai(fleet.url)
-    done = await client.completions.create(model="m1", prompt="once upon", max_tokens=5)
-    assert done.choices[0].text
-    chunks = [
-        c
-        async for c in await client.completions.create(
-            model="m1", prompt="x", max_tokens=4, stream=True
-        )
-    ]
-    assert "".join(c.choices[0].text for c in chunks if c.choices)
-    emb = await client.embeddings.create(model="m1", input=["a", "b"])
-    assert len(emb.data) == 2 and len(emb.data[0].embedding) > 0
+    client, direct = oai(fleet.url), oai(fleet.nodes["node-a"].url)
+    for api in (client, direct):
+        done = await api.completions.create(model="m1", prompt="once upon", max_tokens=5)
+        assert done.choices[0].text == answer_text(5)
+        chunks = [
+            c
+            async for c in await api.completions.create(
+                model="m1", prompt="x", max_tokens=4, stream=True
+            )
+        ]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == answer_text(4)
+    via = await client.embeddings.create(model="m1", input=["a", "b"])
+    node = await direct.embeddings.create(model="m1", input=["a", "b"])
+    assert [e.embedding for e in via.data] == [e.embedding for e in node.data]
+    assert len(via.data) == 2 and via.data[0].embedding != via.data[1].embedding
 
 
 async def test_response_headers(make_fleet: FleetFactory) -> None:
@@ -129,7 +132,7 @@ async def test_unknown_model_is_404_without_touching_a_node(make_fleet: FleetFac
         (b'{"messages": []}', "application/json", 400, "`model` is required"),
         (b'{"model": 7}', "application/json", 400, "invalid request body"),
         (b'{"model": "m1"}', "text/plain", 415, "Content-Type"),
-        (b'{"model": "\xff\xfe"}', "application/json", 400, ""),
+        (b'{"model": "\xff\xfe"}', "application/json", 400, "not valid JSON (UTF-8)"),
     ],
 )
 async def test_bad_requests_get_openai_errors(
@@ -247,8 +250,14 @@ async def test_failover_when_a_node_refuses_connections(make_fleet: FleetFactory
     fleet.nodes["a"].faults.refuse = True
     client = oai(fleet.url)
     for _ in range(6):
-        done = await client.chat.completions.create(model="m1", messages=HELLO)  # type: ignore[arg-type]
-        assert done.choices[0].message.content
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m1",
+            messages=HELLO,  # type: ignore[arg-type]
+        )
+        assert raw.headers["x-cortex-node"] == "b"
+        assert raw.parse().choices[0].message.content
+    # a was tried, failed, and is out of the routes until it polls well again
+    assert not fleet.gateway.supervisor.snapshot.nodes["a"].state.routable
 
 
 async def test_aborted_streams_leave_nothing_behind(make_fleet: FleetFactory) -> None:
@@ -304,7 +313,8 @@ async def test_a_client_gone_during_a_load_is_a_quiet_499(
             assert r.status == 200
             assert (await r.content.readany()).startswith(b": cortex")
             r.close()  # gone while the model loads and keep-alives are being written
-            await asyncio.sleep(0.8)
+            await fleet.wait_for(lambda: any(rec.name == "cortex.access" for rec in caplog.records))
+            await asyncio.sleep(0.6)  # keep-alives would have hit the closed socket by now
     errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert errors == []
     access = [getattr(rec, "fields", {}) for rec in caplog.records if rec.name == "cortex.access"]

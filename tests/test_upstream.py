@@ -94,12 +94,16 @@ async def test_a_connection_the_node_closed_is_replaced(node: tuple[FakeNode, No
     reply = await pool.request(handle, "/echo", b"{}", "r1")
     await reply.read()
     reply.finish()
-    for idle in pool._idle.values():  # the node's keep-alive timer fired meanwhile
-        for proto in idle:
-            assert proto.transport is not None
-            sock = proto.transport.get_extra_info("socket")
-            sock.shutdown(socket.SHUT_RDWR)
-    await asyncio.sleep(0.05)
+    idle = [proto for protos in pool._idle.values() for proto in protos]
+    assert len(idle) == 1  # the pool kept the connection...
+    [proto] = idle
+    assert proto.transport is not None
+    proto.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)  # ...and the node closed it
+    for _ in range(200):
+        if not proto.is_connected():
+            break
+        await asyncio.sleep(0.01)
+    assert not proto.is_connected()
     reply = await pool.request(handle, "/echo", b"{}", "r2")
     assert reply.status == 200
     await reply.read()

@@ -32,6 +32,7 @@ import enum
 import secrets
 from typing import Any, Final
 
+import msgspec
 import orjson
 
 from cortex.errors import (
@@ -623,6 +624,33 @@ def _frame(payload: dict[str, Any]) -> bytes:
 
 
 _PING: Final = _frame({"type": "ping"})
+# What _frame makes of a text_delta, with the index and the JSON-encoded text left open.
+_TEXT_DELTA: Final = (
+    b"event: content_block_delta\ndata: "
+    b'{"type":"content_block_delta","index":%d,"delta":{"type":"text_delta","text":%b}}\n\n'
+)
+_FAST_TEXT = True  # tests turn it off to check the general path gives the same bytes
+
+
+class _TextDelta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: msgspec.Raw | None = None
+
+
+class _TextChoice(msgspec.Struct):
+    delta: _TextDelta | None = None
+    finish_reason: str | None = None
+
+
+class _TextEvent(msgspec.Struct):
+    choices: list[_TextChoice] = []
+    usage: msgspec.Raw | None = None
+    error: msgspec.Raw | None = None
+
+
+_decode_text_event = msgspec.json.Decoder(_TextEvent).decode
 _MESSAGE_STOP: Final = _frame({"type": "message_stop"})
 
 
@@ -779,6 +807,8 @@ class StreamTranslator:
                 self._on_data(data, out)
 
     def _on_data(self, data: bytes, out: list[bytes]) -> None:
+        if self._block is _Block.TEXT and _FAST_TEXT and self._text_fast(data, out):
+            return
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -794,6 +824,29 @@ class StreamTranslator:
         for choice in choices if isinstance(choices, list) else ():
             if isinstance(choice, dict) and not self._phase.ended:
                 self._on_choice(choice, out)
+
+    def _text_fast(self, data: bytes, out: list[bytes]) -> bool:
+        """The common event (one more piece of text in the open text block) from a template.
+
+        Decodes only the fields that matter into a view; anything else about the
+        event (usage, a finish, tool calls, reasoning, an error) returns ``False``
+        for the general path. Measured: about a third of the translation's cost.
+        """
+        try:
+            view = _decode_text_event(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        if view.usage is not None or view.error is not None or len(view.choices) != 1:
+            return False
+        choice = view.choices[0]
+        delta = choice.delta
+        if choice.finish_reason is not None or delta is None or delta.tool_calls is not None:
+            return False
+        if delta.reasoning_content or delta.reasoning or not delta.content:
+            return False
+        self._deltas += 1
+        out.append(_TEXT_DELTA % (self._index, orjson.dumps(delta.content)))
+        return True
 
     def _read_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):

@@ -1146,3 +1146,50 @@ def test_the_anthropic_sdk_raises_on_our_error_frame() -> None:
         ) as stream,
     ):
         stream.get_final_message()
+
+
+def _raw_run(pieces: list[bytes]) -> bytes:
+    translator = StreamTranslator(model="claude-opus-5-5", input_tokens=10)
+    translator.message_id = "msg_fixed"
+    out = translator.start()
+    for piece in pieces:
+        out += translator.feed(piece)
+    return out + translator.finish()
+
+
+# Text pieces after the block opened (the fast path), then reasoning, a tool call,
+# text again, a finish with usage: every kind of event the fast path must decline.
+FAST_AND_SLOW = b"".join(
+    [
+        chunk({"content": "Hel"}),
+        chunk({"content": 'lo, "quoted" é 漢 \n'}),
+        chunk({"content": ""}),
+        chunk({"reasoning_content": "think"}),
+        chunk({"content": "more"}),
+        chunk({"content": "x"}, finish="length"),
+        chunk({"tool_calls": [whole_call(0, "call_1", "Bash", '{"command":"ls"}')]}),
+        chunk({"content": "after"}),
+        chunk(finish="stop", usage=USAGE),
+        DONE,
+    ]
+)
+
+
+@pytest.mark.parametrize("stream", [FAST_AND_SLOW, MIXED_STREAM])
+def test_the_text_fast_path_writes_the_same_bytes_as_the_general_path(
+    stream: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[bool] = []
+    general = StreamTranslator._text_fast
+
+    def spy(self: StreamTranslator, data: bytes, out: list[bytes]) -> bool:
+        taken.append(general(self, data, out))
+        return taken[-1]
+
+    monkeypatch.setattr(StreamTranslator, "_text_fast", spy)
+    fast = _raw_run([stream])
+    if stream is FAST_AND_SLOW:
+        assert any(taken) and not all(taken)  # both paths ran
+    monkeypatch.setattr("cortex.anthropic._FAST_TEXT", False)
+    assert fast == _raw_run([stream])
+    assert parse_sse(fast)[-1] == {"type": "message_stop"}

@@ -428,10 +428,10 @@ async def test_slowloris_headers_are_cut_off(make_fleet: FleetFactory, raw: Any)
     trickling = asyncio.create_task(trickle())
     try:
         await assert_still_serving(fleet)  # everyone else is served meanwhile
-        assert await slow.received_until_closed(3) == b""
+        assert await slow.received_until_closed(4) == b""
     finally:
         trickling.cancel()
-    assert 0.9 < time.monotonic() - started < 2.0
+    assert 0.9 < time.monotonic() - started < 3.5
 
 
 async def test_slowloris_after_a_good_request_is_cut_off_too(
@@ -447,7 +447,7 @@ async def test_slowloris_after_a_good_request_is_cut_off_too(
     conn.writer.write(b"GET /v1/mod")
     started = time.monotonic()
     assert await conn.received_until_closed(3) == b""
-    assert 0.9 < time.monotonic() - started < 2.0
+    assert 0.9 < time.monotonic() - started < 3.0
 
 
 async def test_a_body_that_never_finishes_is_cut_off(make_fleet: FleetFactory, raw: Any) -> None:
@@ -459,7 +459,7 @@ async def test_a_body_that_never_finishes_is_cut_off(make_fleet: FleetFactory, r
     await fleet.wait_for(lambda: fleet.gateway.active == 1)
     started = time.monotonic()
     assert await conn.received_until_closed(3) == b""
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 2.5
     await fleet.wait_for(lambda: fleet.gateway.active == 0)
     assert node.counters["/v1/chat/completions"] == 0
     await assert_still_serving(fleet)

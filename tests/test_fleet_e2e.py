@@ -210,7 +210,7 @@ async def test_a_stream_waiting_for_a_load_gets_headers_and_keepalives_at_once(
     make_fleet: FleetFactory, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cortex.proxy, "KEEPALIVE_EVERY_S", 0.2)
-    load_s = 1.2
+    load_s = 3.0  # long enough that "at once" stands out on a loaded machine
     fleet = await make_fleet(
         {"a": SimConfig(models=[model("cold", loaded=False, load_s=load_s)], instant=True)}
     )
@@ -224,9 +224,9 @@ async def test_a_stream_waiting_for_a_load_gets_headers_and_keepalives_at_once(
         rest = await stream.read()
     finally:
         stream.close()
-    assert headers_after < load_s / 2
+    assert headers_after < 1.5  # well before the load (3 s) is over
     assert first.startswith(b":")  # an SSE comment, ignored by clients
-    assert first_after < load_s
+    assert first_after < 2.5  # a keep-alive, still before the load is over
     frames = [f for f in rest.split(b"\n\n") if f.startswith(b"data: ")]
     assert frames[-1] == b"data: [DONE]"
     assert b'"content":"' in frames[0]
@@ -246,7 +246,7 @@ async def test_queue_timeout_is_503_with_retry_after(
         assert r.status == 503
         assert int(r.headers["Retry-After"]) >= 1
         error = (await r.json())["error"]
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 3.0
     assert set(error) == {"message", "type", "param", "code"}
     assert "glacial" in error["message"]
 
@@ -313,7 +313,7 @@ async def test_node_down_and_up_hysteresis_in_ready_and_admin_fleet(
     b.faults.refuse = False  # one good poll brings it back
     back = time.monotonic()
     await _until(http, fleet, lambda code, up: up == ["b"])
-    assert time.monotonic() - back < interval * 2 + 0.5
+    assert time.monotonic() - back < 2.0  # a poll or two (generous for a loaded machine)
     info = (await admin_fleet(http, fleet))["b"]
     assert (info["state"], info["error"]) == ("up", "")
     fleet.nodes["a"].faults.refuse = False

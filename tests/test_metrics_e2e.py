@@ -162,15 +162,16 @@ async def test_request_metrics_and_access_log_are_exact(
     assert series(s, "cortex_model_loaded") == {key(node="n", model="m"): 1}
 
     lines = {line["request_id"]: line for line in access_log()}
-    # estimated: exact only once the estimate is (see the test below)
-    line_r4_tokens = lines["r4"]["completion_tokens"]
-    assert line_r4_tokens == completion[key(**mn, estimated="true")]
+    # r4 is estimated (counted from chunks), and the estimate is exact (see the test below):
+    # the emulator generates min(max_tokens, answer_tokens) = min(4, 7) = 4 tokens
+    r4_tokens = min(4, 7)
+    assert completion[key(**mn, estimated="true")] == r4_tokens
     assert sorted(lines) == ["r1", "r2", "r3", "r4", "r5", "r6"]
     expected = {
         "r1": ("chat", "m", "n", 200, False, 10, 7, False, ""),
         "r2": ("chat", "m", "n", 200, True, 20, 7, False, ""),
         "r3": ("completions", "m", "n", 200, False, 3, 5, False, ""),
-        "r4": ("completions", "m", "n", 200, True, None, line_r4_tokens, True, ""),
+        "r4": ("completions", "m", "n", 200, True, None, r4_tokens, True, ""),
         "r5": ("chat", "m", "n", 500, False, None, None, False, "NodeError"),
         "r6": ("chat", "", "", 404, False, None, None, False, "ModelNotFound"),
     }
@@ -189,7 +190,7 @@ async def test_request_metrics_and_access_log_are_exact(
 async def test_load_eviction_and_queue_metrics(
     make_fleet: FleetFactory, http: aiohttp.ClientSession, access_log: AccessLog
 ) -> None:
-    load_s = 0.8
+    load_s = 2.0  # long enough to see the three requests queued on a loaded machine
     models = [SimModel("a", size_mb=8000), SimModel("b", size_mb=8000, loaded=False, load_s=load_s)]
     fleet = await make_fleet(
         {"n": SimConfig(models=models, vram_mb=8000, instant=True)},
@@ -226,7 +227,7 @@ async def test_load_eviction_and_queue_metrics(
     assert series(s, "cortex_model_loads_total") == {key(node="n", model="b", result="ok"): 1}
     assert series(s, "cortex_model_load_duration_seconds_count") == {key(node="n", model="b"): 1}
     took = value(s, "cortex_model_load_duration_seconds_sum")
-    assert load_s * 0.9 <= took < load_s + 1.0
+    assert load_s * 0.9 <= took < load_s + 2.0
     assert series(s, "cortex_model_evictions_total") == {key(node="n", model="a", reason="lru"): 1}
     assert series(s, "cortex_model_loaded") == {
         key(node="n", model="a"): 0,

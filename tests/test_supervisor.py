@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -198,6 +199,7 @@ def m(model_id: str, size: int = 4000, *, loaded: bool = True, load_s: float = 0
 
 
 async def test_first_poll_builds_the_snapshot(make: Make) -> None:
+    made_after = int(time.time())
     h = await make(
         {
             "a": sim(m("x"), m("y", loaded=False)),
@@ -222,10 +224,14 @@ async def test_first_poll_builds_the_snapshot(make: Make) -> None:
     body = orjson.loads(snap.models_body)
     ids = [e["id"] for e in body["data"]]
     assert ids == ["x", "y", "z", "ex"]
-    assert body["data"][0] == {
+    entry = dict(body["data"][0])
+    created = entry.pop("created")
+    # the supervisor's start time, in whole seconds, the same for every entry
+    assert isinstance(created, int) and made_after <= created <= time.time()
+    assert {e["created"] for e in body["data"]} == {created}
+    assert entry == {
         "id": "x",
         "object": "model",
-        "created": body["data"][0]["created"],
         "owned_by": "cortex",
         "cortex": {"nodes": {"a": "loaded", "b": "unloaded"}},
     }
@@ -614,7 +620,8 @@ async def test_stop_leaves_no_tasks() -> None:
         ours = [t for t in asyncio.all_tasks() - before if t.get_name().startswith("cortex-")]
         assert ours == []
         await nodes["a"].stop()  # the node's own load task ends with it
-        await asyncio.sleep(0.05)
+        # the last tasks finish unwinding over a few loop turns
+        await wait_for(lambda: asyncio.all_tasks() == before, within=2.0)
         assert asyncio.all_tasks() == before
 
 

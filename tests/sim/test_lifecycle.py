@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -23,6 +23,15 @@ def two_models(**overrides: Any) -> SimConfig:
         SimModel("b", size_mb=1000, load_s=LOAD_S, tok_per_s=1000.0, loaded=False),
     ]
     return SimConfig(**{"models": models, "vram_mb": 4000, "instant": True, **overrides})
+
+
+async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll ``predicate`` until true: requests reach the node asynchronously."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -267,7 +276,7 @@ async def test_unload_fails_an_in_flight_non_streaming_request(
     slow = SimConfig(models=[SimModel("a", tok_per_s=40.0, answer_tokens=40)])
     async with SimNode(slow).running() as node:
         pending = asyncio.ensure_future(chat(session, node, "a"))
-        await asyncio.sleep(0.1)
+        await until(lambda: node.running_sequences == 1)  # in flight on the node
         assert await lifecycle(session, node, "unload", "a") == {
             "model_id": "a",
             "status": "unloaded",
@@ -329,14 +338,16 @@ async def test_stop_ends_streams_stalls_and_loads_at_once(session: aiohttp.Clien
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     streaming = asyncio.ensure_future(post_and_read(session, node, {**body, "model": "a"}))
     loading = asyncio.ensure_future(post_and_read(session, node, {**body, "model": "b"}))
-    await asyncio.sleep(0.2)
+    # the stream is generating (its headers are sent) and the lazy load of b is under way
+    await until(lambda: node.running_sequences == 1 and node.counters["lazy_load"] == 1)
     node.faults.stall = True
     stalled = asyncio.ensure_future(post_and_read(session, node, {**body, "model": "a"}))
-    await asyncio.sleep(0.05)
+    # the third request reached the node's handler, where the stall holds it
+    await until(lambda: node.counters["/v1/chat/completions"] == 3)
     started = asyncio.get_running_loop().time()
     await node.stop()
-    assert asyncio.get_running_loop().time() - started < 0.5
-    outcomes = await asyncio.wait_for(asyncio.gather(streaming, loading, stalled), 2)
+    assert asyncio.get_running_loop().time() - started < 1.5
+    outcomes = await asyncio.wait_for(asyncio.gather(streaming, loading, stalled), 5)
     assert [type(o) for o in outcomes] == [
         aiohttp.ClientPayloadError,
         aiohttp.ServerDisconnectedError,

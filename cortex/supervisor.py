@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,11 +25,8 @@ from functools import partial
 from typing import Any
 
 import aiohttp
-import msgspec
-import orjson
 
 from cortex import placement
-from cortex.agent import GpuReport
 from cortex.config import Config
 from cortex.errors import CortexError, ModelNotFound, NotFound, Unavailable
 from cortex.fleet import (
@@ -44,6 +40,15 @@ from cortex.fleet import (
     Snapshot,
     build_snapshot,
 )
+from cortex.nodeapi import (
+    HTTP_ERRORS,
+    AgentError,
+    Lifecycle,
+    NodeClient,
+    PollResult,
+    describe,
+    is_oom,
+)
 from cortex.placement import LoadPlan, Unplaceable
 
 log = logging.getLogger("cortex.fleet")
@@ -53,91 +58,6 @@ log = logging.getLogger("cortex.fleet")
 _DRAIN_CHECK_S = 0.05
 # How often a load cortex waits for (the node's own, e.g. a lazy reload) is checked.
 _LOAD_CHECK_MAX_S = 0.5
-_HTTP_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
-
-
-# --- what nodes answer ------------------------------------------------------
-
-
-class _ModelEntry(msgspec.Struct):
-    id: str
-    status: str | None = None
-    parent: str | None = None
-
-
-class _ModelList(msgspec.Struct):
-    data: list[_ModelEntry]
-
-
-class _Lifecycle(msgspec.Struct):
-    status: str = ""
-    error: str | None = None
-
-
-_decode_models = msgspec.json.Decoder(_ModelList).decode
-_decode_lifecycle = msgspec.json.Decoder(_Lifecycle).decode
-
-
-def parse_models(raw: bytes) -> dict[str, ModelState]:
-    """A node's ``GET /v1/models`` answer as model -> state.
-
-    Skips the synthetic ``default`` entry (it has no status). A LoRA adapter
-    without a status of its own follows its ``parent``. A model listed twice
-    (the reload-on-loaded bug lists a stuck model as ``loaded`` and again as
-    ``reloading``) takes the entry that is not ``loaded``: it cannot serve.
-    Raises :class:`msgspec.DecodeError` for anything else than a model list.
-    """
-    entries = _decode_models(raw).data
-    out: dict[str, ModelState] = {}
-    for entry in entries:
-        state = ModelState.from_node(entry.status)
-        if state is None or entry.id == "default":
-            continue
-        if out.get(entry.id) in (None, ModelState.LOADED):
-            out[entry.id] = state
-    for entry in entries:
-        if entry.status is None and entry.parent in out and entry.id not in out:
-            out[entry.id] = out[entry.parent]
-    return out
-
-
-_SEQUENCES = re.compile(
-    r"^mistralrs_sequences_(running|waiting)(?:\{[^}]*\})?[ \t]+(\S+)", re.MULTILINE
-)
-
-
-def parse_metrics(text: str) -> tuple[int | None, int | None]:
-    """``mistralrs_sequences_running`` and ``_waiting`` from Prometheus text, summed over labels."""
-    found: dict[str, float] = {}
-    for m in _SEQUENCES.finditer(text):
-        try:
-            value = float(m.group(2))
-        except ValueError:
-            continue
-        found[m.group(1)] = found.get(m.group(1), 0.0) + value
-    running, waiting = found.get("running"), found.get("waiting")
-    return (
-        None if running is None else int(running),
-        None if waiting is None else int(waiting),
-    )
-
-
-def is_oom(error: str | None) -> bool:
-    """Whether a failed load's ``error`` says the GPU ran out of memory."""
-    text = (error or "").lower()
-    return "out of memory" in text or "oom" in text.split()
-
-
-@dataclass(slots=True)
-class PollResult:
-    """One poll of one node; ``models`` is ``None`` when it failed."""
-
-    models: dict[str, ModelState] | None
-    running: int | None = None
-    waiting: int | None = None
-    error: str = ""
-    epoch: int = 0  # the node's model epoch when the poll was sent
-    gpu: tuple[int, int] | None = None  # (used, total) MiB from the node's agent
 
 
 @dataclass(slots=True, eq=False)
@@ -181,7 +101,7 @@ class Supervisor:
         self, cfg: Config, session: aiohttp.ClientSession, events: FleetEvents | None = None
     ) -> None:
         self.cfg = cfg
-        self.session = session
+        self.nodes = NodeClient(session)
         self.events: FleetEvents = events if events is not None else NoEvents()
         self.snapshot: Snapshot = EMPTY
         self._nodes = {n.name: _Node(NodeHandle.from_config(n)) for n in cfg.nodes}
@@ -194,6 +114,11 @@ class Supervisor:
         self._changed = asyncio.Event()
         self._created = int(time.time())
         self._closed = False
+
+    @property
+    def _lifecycle_timeout(self) -> float:
+        # a reload returns only once the model is loaded: as long as a request may wait
+        return self.cfg.gateway.queue_timeout_s
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -513,9 +438,11 @@ class Supervisor:
     async def _unload(self, rec: _Node, model: str, reason: str) -> str:
         """Unload one drained model; ``""`` when done, else what went wrong."""
         try:
-            answer = await self._lifecycle(rec, "unload", model)
-        except _HTTP_ERRORS as exc:
-            answer = _Lifecycle("error", _describe(exc))
+            answer = await self.nodes.lifecycle(
+                rec.handle, "unload", model, self._lifecycle_timeout
+            )
+        except HTTP_ERRORS as exc:
+            answer = Lifecycle("error", describe(exc))
         if answer.status == "unloaded":
             rec.set_model(model, ModelState.UNLOADED)
             rec.cycles += 1
@@ -534,7 +461,9 @@ class Supervisor:
         """Reload ``model`` (``UNLOADED`` on the node); ``None`` once loaded, the error if OOM."""
         started = time.monotonic()
         try:
-            answer = await self._lifecycle(rec, "reload", model)
+            answer = await self.nodes.lifecycle(
+                rec.handle, "reload", model, self._lifecycle_timeout
+            )
         except TimeoutError:
             self._load_event(rec, model, "timeout", started)
             limit = self.cfg.gateway.queue_timeout_s
@@ -542,9 +471,9 @@ class Supervisor:
                 f"loading {model} on {rec.name} took longer than {limit:g} s",
                 retry_after=self._retry_after,
             ) from None
-        except _HTTP_ERRORS as exc:
+        except HTTP_ERRORS as exc:
             self._load_event(rec, model, "error", started)
-            raise Unavailable(f"loading {model} on {rec.name} failed: {_describe(exc)}") from None
+            raise Unavailable(f"loading {model} on {rec.name} failed: {describe(exc)}") from None
         if answer.status == "loaded":
             rec.set_model(model, ModelState.LOADED)
             rec.handle.last_used[model] = time.monotonic()  # not the next LRU victim right away
@@ -592,22 +521,6 @@ class Supervisor:
             await asyncio.sleep(every)
             await self._poll([rec])
 
-    async def _lifecycle(self, rec: _Node, action: str, model: str) -> _Lifecycle:
-        """``POST /v1/models/{action}``; the node always answers 200: read the body."""
-        timeout = aiohttp.ClientTimeout(total=self.cfg.gateway.queue_timeout_s)
-        async with self.session.post(
-            f"{rec.handle.base_url}/v1/models/{action}",
-            data=orjson.dumps({"model_id": model}),
-            headers=_headers(rec, json=True),
-            timeout=timeout,
-        ) as resp:
-            raw = await resp.read()
-        try:
-            return _decode_lifecycle(raw)
-        except msgspec.DecodeError:
-            text = raw.decode("utf-8", "replace").strip()[:200]
-            return _Lifecycle(f"HTTP {resp.status}", text)
-
     # --- polling ----------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -648,59 +561,16 @@ class Supervisor:
     async def _poll_node(self, rec: _Node) -> PollResult:
         """``GET /v1/models`` and ``GET /metrics`` at once, each within ``poll.timeout_s``."""
         epoch = rec.epoch
+        node, timeout = rec.handle, self.cfg.poll.timeout_s
         result, metrics, gpu = await asyncio.gather(
-            self._get_models(rec), self._get_metrics(rec), self._get_gpu(rec)
+            self.nodes.models(node, timeout),
+            self.nodes.metrics(node, timeout),
+            self.nodes.gpu(node, timeout),
         )
         result.running, result.waiting = metrics
         result.epoch = epoch
         result.gpu = gpu
         return result
-
-    async def _get_gpu(self, rec: _Node) -> tuple[int, int] | None:
-        """Measured GPU memory (used, total MiB) from the node's agent, if it has one."""
-        node = rec.handle.config
-        if not node.agent:
-            return None
-        try:
-            async with self.session.get(
-                f"{node.agent.rstrip('/')}/gpu",
-                headers={"Authorization": f"Bearer {node.agent_token}"},
-                timeout=aiohttp.ClientTimeout(total=self.cfg.poll.timeout_s),
-            ) as resp:
-                if resp.status != 200:
-                    return None
-                report = _decode_gpu(await resp.read())
-        except (*_HTTP_ERRORS, msgspec.DecodeError):
-            return None
-        return _gpu_totals(report)
-
-    async def _get_models(self, rec: _Node) -> PollResult:
-        try:
-            async with self.session.get(
-                f"{rec.handle.base_url}/v1/models",
-                headers=_headers(rec),
-                timeout=aiohttp.ClientTimeout(total=self.cfg.poll.timeout_s),
-            ) as resp:
-                if resp.status != 200:
-                    return PollResult(None, error=f"GET /v1/models answered HTTP {resp.status}")
-                raw = await resp.read()
-            return PollResult(parse_models(raw))
-        except (*_HTTP_ERRORS, msgspec.DecodeError) as exc:
-            return PollResult(None, error=_describe(exc))
-
-    async def _get_metrics(self, rec: _Node) -> tuple[int | None, int | None]:
-        try:
-            async with self.session.get(
-                f"{rec.handle.base_url}/metrics",
-                headers=_headers(rec),
-                timeout=aiohttp.ClientTimeout(total=self.cfg.poll.timeout_s),
-            ) as resp:
-                if resp.status != 200:  # 404 (older nodes), 503 (metrics disabled)
-                    return None, None
-                text = await resp.text(errors="replace")
-        except _HTTP_ERRORS:
-            return None, None
-        return parse_metrics(text)
 
     def _apply(self, rec: _Node, result: PollResult) -> None:
         before = rec.state
@@ -803,11 +673,11 @@ class Supervisor:
         rec.state = NodeState.RESTARTING
         self._publish()
         try:
-            seconds = await self._call_agent(rec)
-        except (*_HTTP_ERRORS, _AgentError) as exc:
-            log.warning("defrag restart of node %s failed: %s", rec.name, _describe(exc))
+            seconds = await self.nodes.restart(rec.handle, self.cfg.agent.restart_timeout_s)
+        except (*HTTP_ERRORS, AgentError) as exc:
+            log.warning("defrag restart of node %s failed: %s", rec.name, describe(exc))
             rec.state = NodeState.DOWN  # one good poll brings it back
-            rec.error = f"restart failed: {_describe(exc)}"
+            rec.error = f"restart failed: {describe(exc)}"
             rec.cycles = 0  # try again after as many cycles, not at every poll
             self._publish()
             self._poll_soon(rec.name)
@@ -817,23 +687,6 @@ class Supervisor:
             return
         log.info("node %s restarted by its agent in %.1f s", rec.name, seconds)
         self.events.node_restart(rec.name)
-
-    async def _call_agent(self, rec: _Node) -> float:
-        node = rec.handle.config
-        async with self.session.post(
-            f"{node.agent.rstrip('/')}/restart",
-            headers={"Authorization": f"Bearer {node.agent_token}"},
-            timeout=aiohttp.ClientTimeout(total=self.cfg.agent.restart_timeout_s),
-        ) as resp:
-            raw = await resp.read()
-        if resp.status != 200:
-            raise _AgentError(
-                f"agent answered HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace')}"
-            )
-        try:
-            return float(orjson.loads(raw).get("seconds", 0.0))
-        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-            return 0.0
 
     async def _await_back(self, rec: _Node) -> bool:
         """Poll the restarted node until it answers (up with a fresh catalogue) or time is up."""
@@ -955,10 +808,6 @@ class Supervisor:
 _UNLOADABLE = frozenset({ModelState.LOADED, ModelState.RELOADING})
 
 
-class _AgentError(Exception):
-    pass
-
-
 def _node_info(view: NodeView, sizes: Mapping[str, int], now: float) -> dict[str, Any]:
     handle = view.handle
     models = []
@@ -997,29 +846,6 @@ def _model_facts(cfg: Config) -> tuple[dict[str, int], dict[str, int]]:
     return sizes, priorities
 
 
-def _headers(rec: _Node, *, json: bool = False) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"} if json else {}
-    if rec.handle.config.api_key:
-        headers["Authorization"] = f"Bearer {rec.handle.config.api_key}"
-    return headers
-
-
-_decode_gpu = msgspec.json.Decoder(GpuReport).decode
-
-
-def _gpu_totals(report: GpuReport) -> tuple[int, int] | None:
-    """Used and total MiB over all of a node's GPUs; ``None`` when nothing was measured."""
-    gpus = [g for g in report.gpus if g.memory_used_mb is not None and g.memory_total_mb]
-    if not report.available or not gpus:
-        return None
-    return sum(g.memory_used_mb or 0 for g in gpus), sum(g.memory_total_mb or 0 for g in gpus)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 async def _join(task: asyncio.Task[None]) -> None:
     """Wait for a shared load; its failure is raised anew in each waiter.
 
@@ -1033,7 +859,7 @@ async def _join(task: asyncio.Task[None]) -> None:
     if isinstance(exc, CortexError):
         raise type(exc)(exc.message, code=exc.code, param=exc.param, retry_after=exc.retry_after)
     if exc is not None:
-        raise Unavailable(f"loading failed: {_describe(exc)}")
+        raise Unavailable(f"loading failed: {describe(exc)}")
 
 
 async def _until(done: Callable[[], bool], within_s: float) -> bool:

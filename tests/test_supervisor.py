@@ -19,8 +19,9 @@ from aiohttp import web
 from cortex import config
 from cortex.errors import ModelNotFound, NotFound, Unavailable
 from cortex.fleet import ModelState, NodeState, Snapshot, begin, end
+from cortex.nodeapi import is_oom, parse_metrics, parse_models
 from cortex.sim import SimConfig, SimModel, SimNode
-from cortex.supervisor import Supervisor, is_oom, parse_metrics, parse_models
+from cortex.supervisor import Supervisor
 
 L, U, R = ModelState.LOADED, ModelState.UNLOADED, ModelState.RELOADING
 UP, DOWN, UNKNOWN = NodeState.UP, NodeState.DOWN, NodeState.UNKNOWN

@@ -589,6 +589,8 @@ class Supervisor:
         if rec.state is before:
             return
         if rec.state is NodeState.UP:
+            # back from down: maybe a newer mistral.rs now, so probe /v1/messages again
+            rec.handle.messages_native = None
             log.info("node %s is up (%d models)", rec.name, len(rec.models))
         elif rec.state is NodeState.DOWN:
             log.warning("node %s is down: %s", rec.name, rec.error)

@@ -526,3 +526,21 @@ async def test_the_agents_gpu_figures_reach_the_fleet_view_metrics_and_placement
     status, node, _ = await chat(http, fleet, "y")
     assert (status, node) == (200, "a")
     assert await statuses(http, fleet, "a") == {"x": "unloaded", "y": "loaded"}
+
+
+async def test_a_node_back_from_down_has_its_anthropic_route_probed_again(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet(
+        {"a": SimConfig(models=[model("m")], instant=True)},
+        poll={"interval_s": 0.1, "timeout_s": 0.2, "down_after": 1},
+    )
+    supervisor = fleet.gateway.supervisor
+    handle = supervisor.snapshot.nodes["a"].handle
+    handle.messages_native = False  # an older node: its 404 was remembered
+    fleet.nodes["a"].faults.refuse = True
+    await fleet.wait_for(lambda: not supervisor.snapshot.nodes["a"].state.routable)
+    assert handle.messages_native is False
+    fleet.nodes["a"].faults.refuse = False
+    await fleet.wait_for(lambda: supervisor.snapshot.nodes["a"].state.routable)
+    assert handle.messages_native is None

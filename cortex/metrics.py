@@ -101,6 +101,9 @@ TOKENS_PER_SECOND_BUCKETS = (
 )  # fmt: skip
 LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 
+# aiohttp cuts a connection that sends no complete request for this long: the only bound
+# on a client trickling its headers (slowloris). Scrapers just reconnect after it.
+METRICS_IDLE_S = 10.0
 _MIB = 1024 * 1024  # config sizes (`vram_mb`) are MiB, as nvidia-smi counts them
 _STATUS_CLASS = {s: f"{s // 100}xx" for s in range(100, 600)}
 _ESTIMATED = ("false", "true")
@@ -453,7 +456,8 @@ class Metrics:
         """Serve ``GET /metrics`` (and nothing else) on ``host:port``; port 0 picks one."""
         if self._runner is not None:
             raise RuntimeError("the metrics server is already running")
-        runner = web.ServerRunner(web.Server(self._handle, access_log=None), shutdown_timeout=1.0)
+        server = web.Server(self._handle, access_log=None, keepalive_timeout=METRICS_IDLE_S)
+        runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port, ssl_context=ssl).start()

@@ -3,7 +3,9 @@ port, credentials on the way to nodes, and the warning for an open listener."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -321,6 +323,30 @@ async def test_a_refused_key_leaves_an_access_line_and_a_metric(
     ]
     assert "wrong-key" not in caplog.text
     assert fleet.gateway.metrics.sample("cortex_requests_total", endpoint="chat", code="4xx") == 1
+
+
+async def test_the_metrics_port_cuts_a_client_that_trickles_its_headers(
+    make_fleet: FleetFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cortex.metrics.METRICS_IDLE_S", 0.5)
+    fleet = await make_fleet()
+    reader, writer = await asyncio.open_connection("127.0.0.1", fleet.gateway.metrics.bound_port)
+    started = time.monotonic()
+    try:
+        for byte in b"GET /metrics HTTP/1.1\r\nHost: slow\r\nX-Pad: " + b"a" * 60:
+            if reader.at_eof():
+                break
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+    assert time.monotonic() - started < 3.0  # the trickle alone would take over 4 s
+    async with aiohttp.ClientSession() as s, s.get(fleet.metrics_url + "/metrics") as r:
+        assert r.status == 200  # and the port still serves
 
 
 async def test_the_metrics_port_serves_only_metrics(make_fleet: FleetFactory) -> None:

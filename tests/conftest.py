@@ -54,6 +54,11 @@ def gateway_config(nodes: dict[str, SimNode], /, **sections: Any) -> config.Conf
             for name, node in nodes.items()
         ],
     }
+    return with_sections(raw, sections)
+
+
+def with_sections(raw: dict[str, Any], sections: dict[str, Any]) -> config.Config:
+    """``raw`` with ``sections`` merged over it (tables key by key), decoded as a config."""
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}

@@ -22,6 +22,7 @@ from cortex.fleet import ModelState, NodeState, Snapshot, begin, end
 from cortex.nodeapi import is_oom, parse_metrics, parse_models
 from cortex.sim import SimConfig, SimModel, SimNode
 from cortex.supervisor import Supervisor
+from tests.conftest import with_sections
 
 L, U, R = ModelState.LOADED, ModelState.UNLOADED, ModelState.RELOADING
 UP, DOWN, UNKNOWN = NodeState.UP, NodeState.DOWN, NodeState.UNKNOWN
@@ -138,12 +139,7 @@ def make_config(
         ],
         "models": [{"id": m, "vram_mb": s} for m, s in sizes.items()],
     }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
-    return config.decode(raw, "<test>")
+    return with_sections(raw, sections)
 
 
 @pytest.fixture

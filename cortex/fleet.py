@@ -179,10 +179,6 @@ class Snapshot:
             return None
         return self.names.get(target, target)
 
-    def listed_on(self, model_id: str) -> list[NodeView]:
-        """Up nodes whose catalogue lists ``model_id``, loaded or not."""
-        return [v for v in self.nodes.values() if v.state.routable and model_id in v.models]
-
 
 EMPTY = Snapshot(
     version=0,

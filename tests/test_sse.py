@@ -6,6 +6,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cortex import sse
 from cortex.sse import DataSplitter, Tap
 
 
@@ -101,6 +102,79 @@ def test_completions_stream_has_no_usage_so_frames_estimate_tokens() -> None:
     assert tap.completion_tokens is None
     assert tap.content_frames == 2
     assert tap.first_token_at > 0
+
+
+# No usage, and longer than the bytes the tap keeps uncounted: frames are counted in batches.
+LONG_STREAM = (
+    b"".join(_chunk(f"w{i} ") for i in range(300)) + _chunk("", finish="stop") + b"data: [DONE]\n\n"
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(LONG_STREAM)), max_size=30))
+def test_frames_past_the_count_budget_at_any_chunking(cuts: list[int]) -> None:
+    assert len(LONG_STREAM) > 2 * sse._COUNT_BUDGET
+    tap = _tap(LONG_STREAM, cuts)
+    assert tap.completion_tokens is None
+    assert (tap.frames, tap.content_frames, tap.done) == (302, 300, True)
+
+
+def test_frames_past_the_count_budget_fed_frame_by_frame_or_in_small_pieces() -> None:
+    frame_ends = [at + 2 for at in range(len(LONG_STREAM)) if LONG_STREAM.startswith(b"\n\n", at)]
+    for cuts in (frame_ends, list(range(0, len(LONG_STREAM), 7)), [1, 2, 3, len(LONG_STREAM) - 1]):
+        tap = _tap(LONG_STREAM, cuts)
+        assert (tap.frames, tap.content_frames) == (302, 300)
+
+
+def test_a_stream_keeps_at_most_the_budget_uncounted() -> None:
+    tap = Tap()
+    for frame in LONG_STREAM.split(b"\n\n"):
+        tap.feed(frame + b"\n\n")
+        assert sum(map(len, tap._uncounted)) <= sse._COUNT_BUDGET
+
+
+def test_frames_read_mid_stream_then_at_the_end() -> None:
+    tap = Tap()
+    cut = len(_chunk("Hel")) + 10
+    tap.feed(MISTRALRS_STREAM[:cut])
+    assert (tap.frames, tap.content_frames) == (1, 1)
+    tap.feed(MISTRALRS_STREAM[cut:])
+    tap.close()
+    assert (tap.frames, tap.content_frames) == (5, 3)
+
+
+def test_the_last_usage_line_wins_for_each_count() -> None:
+    stream = (
+        _chunk("a", usage={"prompt_tokens": 90, "completion_tokens": 90})
+        + _chunk("b")
+        + b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}\n\n'
+        + b'data: {"choices":[],"usage": {"completion_tokens":2}}\n\n'
+        + b"data: [DONE]\n\n"
+    )
+    for cut in range(0, len(stream), 5):
+        tap = _tap(stream, [cut])
+        assert (tap.prompt_tokens, tap.completion_tokens) == (5, 2), cut
+
+
+# An Anthropic stream long enough that its head and end windows do not overlap.
+MESSAGE_START = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":12,"output_tokens":1}}}\n\n'
+TEXT_DELTAS = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"x"}}\n\n'
+) * 100
+
+
+def test_usage_only_in_the_head_of_a_long_stream() -> None:
+    stream = MESSAGE_START + TEXT_DELTAS + b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    frame_ends = [at + 2 for at in range(len(stream)) if stream.startswith(b"\n\n", at)]
+    for cuts in ([], [len(MESSAGE_START)], frame_ends):
+        tap = _tap(stream, cuts)
+        assert (tap.prompt_tokens, tap.completion_tokens, tap.done) == (12, 1, True)
+
+
+def test_end_usage_wins_over_the_head_of_a_long_stream() -> None:
+    end = b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":100}}\n\n'
+    tap = _tap(MESSAGE_START + TEXT_DELTAS + end, [len(MESSAGE_START)])
+    assert (tap.prompt_tokens, tap.completion_tokens) == (12, 100)
 
 
 def test_role_only_and_empty_deltas_do_not_stamp_first_token() -> None:

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aioprometheus.collectors import Histogram, Registry
+from aioprometheus.renderer import render
 
 from cortex import fleet
 from cortex.config import Node
 from cortex.fleet import ModelState, NodeHandle, NodeState, NodeView, Snapshot
-from cortex.metrics import Metrics, RequestRecord, Sample, parse
+from cortex.metrics import LOAD_BUCKETS, Metrics, RequestRecord, Sample, parse
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "cortex-dashboard.json"
 MIB = 1024 * 1024
@@ -145,6 +147,22 @@ def test_request_edge_cases() -> None:
     assert m.sample("cortex_model_load_wait_seconds_sum", model="m1") == 0.375
     assert m.sample("cortex_tokens_per_second_count") == 0  # no tokens, no rate
     assert m.sample("cortex_time_to_first_token_seconds_count") == 1
+
+
+def test_histograms_render_as_aioprometheus_observes() -> None:
+    """Buckets counted apart and folded in at a scrape read as aioprometheus' own
+    ``observe`` would have them (bounds inclusive, cumulative, +Inf, sum, count), and
+    every scrape sees all that came before it."""
+    m = Metrics()
+    registry = Registry()
+    name = "cortex_model_load_duration_seconds"
+    reference = Histogram(name, "", registry=registry, buckets=LOAD_BUCKETS)
+    for seconds in ([20, 0.5, 0.0, 0.75, 600.0], [600.5, 1e9, 20.0, 19.999, 45, 0.25]):
+        for s in seconds:
+            m.model_load("a", "m1", "ok", s)
+            reference.observe({"node": "a", "model": "m1"}, s)
+        ours = [x for x in parse(m.render(None)[0]) if x.name.startswith(name)]
+        assert ours == parse(render(registry, [])[0])
 
 
 def test_fleet_events_and_gauges() -> None:

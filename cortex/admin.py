@@ -9,15 +9,18 @@ routes (admin key, or loopback clients only).
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import msgspec
 import orjson
-from aiohttp import web
 
 from cortex.errors import BadRequest
+from cortex.server import Request, Response, TooLarge
 from cortex.supervisor import Supervisor
 
-_JSON = {"Content-Type": "application/json"}
+# Bodies are a few bytes of JSON: this is only a bound.
+_MAX_BODY = 1 << 16
 
 
 class _ModelRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -30,15 +33,21 @@ class _ModelRequest(msgspec.Struct, forbid_unknown_fields=True):
 _decode_request = msgspec.json.Decoder(_ModelRequest).decode
 
 
-def admin_routes(supervisor: Supervisor) -> list[web.RouteDef]:
+class Route(NamedTuple):
+    method: str
+    path: str
+    handler: Callable[[Request], Awaitable[Response]]
+
+
+def admin_routes(supervisor: Supervisor) -> list[Route]:
     """The admin routes over ``supervisor``, for the gateway to mount behind its guard."""
     admin = _Admin(supervisor)
     return [
-        web.get("/admin/fleet", admin.fleet),
-        web.post("/admin/models/load", admin.load),
-        web.post("/admin/models/unload", admin.unload),
-        web.post("/admin/models/pin", admin.pin),
-        web.post("/admin/models/unpin", admin.unpin),
+        Route("GET", "/admin/fleet", admin.fleet),
+        Route("POST", "/admin/models/load", admin.load),
+        Route("POST", "/admin/models/unload", admin.unload),
+        Route("POST", "/admin/models/pin", admin.pin),
+        Route("POST", "/admin/models/unpin", admin.unpin),
     ]
 
 
@@ -46,10 +55,10 @@ class _Admin:
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
 
-    async def fleet(self, request: web.BaseRequest) -> web.Response:
+    async def fleet(self, request: Request) -> Response:
         return _json(self.supervisor.fleet())
 
-    async def load(self, request: web.BaseRequest) -> web.Response:
+    async def load(self, request: Request) -> Response:
         """Load a model (on a node, or where placement says); answers once it is loaded."""
         body = await _read(request)
         started = time.monotonic()
@@ -57,25 +66,28 @@ class _Admin:
         seconds = round(time.monotonic() - started, 3)
         return _json({"model": body.model, "node": node, "status": "loaded", "seconds": seconds})
 
-    async def unload(self, request: web.BaseRequest) -> web.Response:
+    async def unload(self, request: Request) -> Response:
         """Unload a model (from a node, or everywhere) once its requests are done."""
         body = await _read(request)
         nodes = await self.supervisor.unload(body.model, body.node)
         return _json({"model": body.model, "nodes": nodes, "status": "unloaded"})
 
-    async def pin(self, request: web.BaseRequest) -> web.Response:
+    async def pin(self, request: Request) -> Response:
         body = await _read(request)
         nodes = self.supervisor.pin(body.model, body.node)
         return _json({"model": body.model, "nodes": nodes, "pinned": True})
 
-    async def unpin(self, request: web.BaseRequest) -> web.Response:
+    async def unpin(self, request: Request) -> Response:
         body = await _read(request)
         nodes = self.supervisor.unpin(body.model, body.node)
         return _json({"model": body.model, "nodes": nodes, "pinned": False})
 
 
-async def _read(request: web.BaseRequest) -> _ModelRequest:
-    raw = await request.read()
+async def _read(request: Request) -> _ModelRequest:
+    try:
+        raw = await request.read(_MAX_BODY)
+    except TooLarge:
+        raise BadRequest(f"an admin request body is at most {_MAX_BODY} bytes") from None
     try:
         body = _decode_request(raw)
     except msgspec.DecodeError as exc:
@@ -87,5 +99,5 @@ async def _read(request: web.BaseRequest) -> _ModelRequest:
     return body
 
 
-def _json(data: object) -> web.Response:
-    return web.Response(body=orjson.dumps(data), headers=_JSON)
+def _json(data: object) -> Response:
+    return Response(body=orjson.dumps(data))

@@ -1,9 +1,8 @@
 """Wiring: the API server, the metrics server, the supervisor, signals.
 
-The API port uses aiohttp's low-level :class:`aiohttp.web.Server` with a
-dict lookup for dispatch: no router, no middlewares. Its handler runs with
-``handler_cancellation`` on, so a client that goes away cancels its request at
-once and the upstream request with it.
+The API port uses cortex's own HTTP/1.1 server (:mod:`cortex.server`) with a
+dict lookup for dispatch: no router, no middlewares. A client that goes away
+cancels its request at once, and the upstream request with it.
 """
 
 from __future__ import annotations
@@ -16,22 +15,19 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import msgspec
 import orjson
-from aiohttp import web
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
 
 from cortex import config, errors, notify
 from cortex.admin import admin_routes
 from cortex.config import Config, ConfigError
 from cortex.errors import CortexError, Dialect
-from cortex.guard import HTTP_LOG, Guards
 from cortex.metrics import Metrics, RequestRecord
 from cortex.proxy import Proxy, check_key
+from cortex.server import Answer, Request, Response, Server
 from cortex.supervisor import Supervisor
 from cortex.watchdog import Watchdog
 
@@ -43,8 +39,7 @@ _SHUTDOWN_GRACE_S = 1.0
 # Built into the listening sockets and the client session: a reload cannot change them.
 _RESTART_KEYS = ("listen", "metrics_listen", "connect_timeout_s")
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-_JSON = {"Content-Type": "application/json"}
+Handler = Callable[[Request], Awaitable[Answer]]
 _ENDPOINTS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
@@ -79,12 +74,11 @@ class Gateway:
         # Set when `active` drops to 0, or by cut(): what a drain waits for.
         self._idle = asyncio.Event()
         self._cut = False
-        self._server: web.Server | None = None
+        self._server: Server | None = None
         self._listener: asyncio.Server | None = None
         self._ssl: ssl.SSLContext | None = None
         self._label = str(config_path) if config_path is not None else "<config>"
         self._keys = _read_keys(cfg, self._label)
-        self._guards = Guards(cfg.gateway.client_timeout_s)
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -117,19 +111,12 @@ class Gateway:
             await self.metrics.start(host, port)
         except OSError as exc:
             raise self._cannot_listen("metrics_listen", exc) from None
-        self._server = web.Server(
-            self.handle,
-            request_factory=self._make_request,
-            handler_cancellation=True,
-            access_log=None,
-            logger=HTTP_LOG,
-            keepalive_timeout=75.0,
-        )
+        self._server = Server(self.handle, receive_timeout=gw.client_timeout_s)
         host, port = config.split_hostport(gw.listen)
         loop = asyncio.get_running_loop()
         try:
             self._listener = await loop.create_server(
-                self._protocol, host, port, ssl=self._ssl, backlog=4096, reuse_address=True
+                self._server, host, port, ssl=self._ssl, backlog=4096, reuse_address=True
             )
         except OSError as exc:
             raise self._cannot_listen("listen", exc) from None
@@ -239,7 +226,8 @@ class Gateway:
         old, self.cfg, self._keys = self.cfg, cfg, keys
         self.supervisor.reconfigure(cfg)
         self.proxy.configure(cfg)
-        self._guards.limit = cfg.gateway.client_timeout_s
+        if self._server is not None:
+            self._server.receive_timeout = cfg.gateway.client_timeout_s
         self.metrics.set_model_sizes({m.id: m.vram_mb for m in cfg.models})
         self._reload_certificate()
         log.info("config reloaded from %s: %s", self._label, _changes(old, cfg, len(keys)))
@@ -296,10 +284,10 @@ class Gateway:
         }
         for rd in admin_routes(self.supervisor):
             route = routes.setdefault(rd.path, _Route({}, auth=False, admin=True))
-            route.methods[rd.method] = cast(Handler, rd.handler)  # plain handlers, no views
+            route.methods[rd.method] = rd.handler
         return routes
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Answer:
         self.active += 1
         try:
             route = self.routes.get(request.path)
@@ -322,19 +310,18 @@ class Gateway:
             log.exception("unexpected error handling %s %s", request.method, request.path)
             return _error(request, errors.NodeError("internal error in cortex (logged)"))
         finally:
-            self._guards.answered(request)
             self.active -= 1
             if not self.active:
                 self._idle.set()
 
-    async def _unrouted(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _unrouted(self, request: Request) -> Answer:
         if request.path.startswith("/v1/models/") and request.method == "GET":
             if self._keys and not check_key(self._keys, request):
                 return self._unauthorized(request)
             return self._model(request.path[len("/v1/models/") :])
         return _error(request, errors.NotFound(f"no route for {request.method} {request.path}"))
 
-    def _unauthorized(self, request: web.BaseRequest) -> web.Response:
+    def _unauthorized(self, request: Request) -> Response:
         """401, and a metrics/access-log record of it (never the key): attempts leave a trace."""
         response = _error(request, errors.Unauthorized("missing or invalid API key"))
         now = time.monotonic()
@@ -355,7 +342,7 @@ class Gateway:
         )
         return response
 
-    def _admin_denied(self, request: web.BaseRequest) -> CortexError | None:
+    def _admin_denied(self, request: Request) -> CortexError | None:
         """Why ``request`` may not use the admin API: a wrong key (401), not loopback (403)."""
         key = self.cfg.gateway.admin_key
         if key:
@@ -371,71 +358,43 @@ class Gateway:
 
     # --- small handlers ---------------------------------------------------------
 
-    async def _models(self, request: web.BaseRequest) -> web.StreamResponse:
-        return web.Response(body=self.supervisor.snapshot.models_body, headers=_JSON)
+    async def _models(self, request: Request) -> Answer:
+        return Response(body=self.supervisor.snapshot.models_body)
 
-    def _model(self, model_id: str) -> web.StreamResponse:
+    def _model(self, model_id: str) -> Answer:
         listing = orjson.loads(self.supervisor.snapshot.models_body)
         for entry in listing.get("data", []):
             if entry.get("id") == model_id:
-                return web.Response(body=orjson.dumps(entry), headers=_JSON)
+                return Response(body=orjson.dumps(entry))
         raise errors.ModelNotFound(
             f"The model `{model_id}` does not exist on any node of this fleet"
         )
 
-    async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
-        return web.Response(body=b'{"status":"ok"}', headers=_JSON)
+    async def _health(self, request: Request) -> Answer:
+        return Response(body=b'{"status":"ok"}')
 
-    async def _ready(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _ready(self, request: Request) -> Answer:
         up = [v.name for v in self.supervisor.snapshot.nodes.values() if v.state.routable]
         body = orjson.dumps({"ready": bool(up), "nodes_up": up})
-        return web.Response(status=200 if up else 503, body=body, headers=_JSON)
+        return Response(200 if up else 503, body)
 
-    async def _admin_reload(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _admin_reload(self, request: Request) -> Answer:
         error = self._reload()
         if error is not None:
             raise errors.BadRequest(f"config reload rejected, the running config is kept: {error}")
-        return web.Response(body=b'{"reloaded":true}', headers=_JSON)
-
-    def _make_request(
-        self,
-        message: RawRequestMessage,
-        payload: StreamReader,
-        protocol: Any,
-        writer: Any,
-        task: asyncio.Task[None],
-    ) -> web.BaseRequest:
-        limit = self.cfg.gateway.max_body_mb * 1024 * 1024
-        request = web.BaseRequest(
-            message,
-            payload,
-            protocol,
-            writer,
-            task,
-            asyncio.get_running_loop(),
-            client_max_size=limit,
-        )
-        self._guards.started(request)
-        return request
-
-    def _protocol(self) -> asyncio.Protocol:
-        """A new API connection: aiohttp's protocol, behind a receive deadline (slowloris)."""
-        assert self._server is not None
-        return self._guards.wrap(self._server())
+        return Response(body=b'{"reloaded":true}')
 
 
-def _dialect(request: web.BaseRequest) -> Dialect:
+def _dialect(request: Request) -> Dialect:
     if request.path.startswith("/v1/messages"):
         return Dialect.ANTHROPIC
     return Dialect.OPENAI
 
 
-def _error(request: web.BaseRequest, err: CortexError) -> web.Response:
+def _error(request: Request, err: CortexError) -> Response:
     dialect = _dialect(request)
-    headers = dict(_JSON)
-    headers.update(errors.headers_for(err))
-    return web.Response(
-        status=errors.status_for(err, dialect), body=errors.body(err, dialect), headers=headers
+    return Response(
+        errors.status_for(err, dialect), errors.body(err, dialect), dict(errors.headers_for(err))
     )
 
 

@@ -29,14 +29,13 @@ from typing import Any, Protocol
 import aiohttp
 import msgspec
 import orjson
-from aiohttp import web
-from multidict import CIMultiDict
 
 from cortex import anthropic, errors, fleet
 from cortex.config import Config
 from cortex.errors import CortexError, Dialect
 from cortex.fleet import NodeHandle
 from cortex.metrics import RequestRecord
+from cortex.server import Answer, BadBody, Request, Response, Stream, TooLarge
 from cortex.sse import Tap, Usage
 from cortex.upstream import ConnectFailed, Pool, Reply
 from cortex.watchdog import Watch, Watchdog
@@ -102,7 +101,7 @@ _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _decode_count = msgspec.json.Decoder(_Count).decode
 
 
-_Work = Callable[["_Exchange", bytes, _View, str], Awaitable[web.StreamResponse]]
+_Work = Callable[["_Exchange", bytes, _View, str], Awaitable[Answer]]
 
 
 class Proxy:
@@ -136,21 +135,21 @@ class Proxy:
 
     # --- entry points -------------------------------------------------------
 
-    async def openai(self, request: web.BaseRequest, endpoint: str) -> web.StreamResponse:
+    async def openai(self, request: Request, endpoint: str) -> Answer:
         """``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``."""
         return await self._serve(request, endpoint, Dialect.OPENAI, self._openai)
 
-    async def messages(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def messages(self, request: Request) -> Answer:
         """``/v1/messages``: Anthropic Messages, translated or passed through natively."""
         return await self._serve(request, "messages", Dialect.ANTHROPIC, self._messages)
 
-    async def count_tokens(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def count_tokens(self, request: Request) -> Answer:
         """``/v1/messages/count_tokens``: the node's count if it has the route, else an estimate."""
         return await self._serve(request, "count_tokens", Dialect.ANTHROPIC, self._count)
 
     async def _serve(
-        self, request: web.BaseRequest, endpoint: str, dialect: Dialect, work: _Work
-    ) -> web.StreamResponse:
+        self, request: Request, endpoint: str, dialect: Dialect, work: _Work
+    ) -> Answer:
         """Read and route the body, run ``work``, answer errors in ``dialect``, record once."""
         ex = _Exchange(self, request, endpoint, dialect)
         try:
@@ -166,23 +165,17 @@ class Proxy:
         finally:
             ex.close()
 
-    async def _openai(
-        self, ex: _Exchange, raw: bytes, view: _View, model_id: str
-    ) -> web.StreamResponse:
+    async def _openai(self, ex: _Exchange, raw: bytes, view: _View, model_id: str) -> Answer:
         return await ex.forward(ex.request.path, self._rewrite(raw, view, model_id), None)
 
-    async def _messages(
-        self, ex: _Exchange, raw: bytes, view: _View, model_id: str
-    ) -> web.StreamResponse:
+    async def _messages(self, ex: _Exchange, raw: bytes, view: _View, model_id: str) -> Answer:
         cap = self.max_tokens.get(model_id, DEFAULT_ANTHROPIC_MAX_TOKENS)
         tr = _Translation(raw, view, model_id, cap)
         if not self._native_nodes:
             tr.translated()  # reject what cannot be translated before a node is chosen
         return await ex.forward("/v1/messages", raw, tr)
 
-    async def _count(
-        self, ex: _Exchange, raw: bytes, view: _View, model_id: str
-    ) -> web.StreamResponse:
+    async def _count(self, ex: _Exchange, raw: bytes, view: _View, model_id: str) -> Answer:
         node = self.router.pick(model_id)
         if node is not None and _speaks_messages(node):
             counted = await self._count_on(node, self._rewrite(raw, view, model_id), ex)
@@ -192,7 +185,7 @@ class Proxy:
         ex.rec.prompt_tokens = count
         return ex.json(200, orjson.dumps({"input_tokens": count}))
 
-    async def _count_on(self, node: NodeHandle, body: bytes, ex: _Exchange) -> web.Response | None:
+    async def _count_on(self, node: NodeHandle, body: bytes, ex: _Exchange) -> Response | None:
         """The node's own count; ``None`` (use the estimate) when it has none to give."""
         upstream: Reply | None = None
         try:
@@ -220,7 +213,7 @@ class Proxy:
 
     # --- helpers shared by the entry points -------------------------------
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
+    async def _read_body(self, request: Request) -> bytes:
         length = request.content_length
         if length is not None and length > self.max_body:
             raise errors.PayloadTooLarge(
@@ -232,11 +225,13 @@ class Proxy:
                 f"Content-Type must be application/json, got {ctype!r}"
             )
         try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
+            return await request.read(self.max_body)
+        except TooLarge:
             raise errors.PayloadTooLarge(
                 f"request body is over the limit of {self.max_body} bytes"
             ) from None
+        except BadBody as exc:
+            raise errors.BadRequest(f"request body is not valid HTTP: {exc}") from None
 
     def _resolve(self, name: object, ex: _Exchange) -> str:
         if not isinstance(name, str) or not name:
@@ -253,14 +248,14 @@ class Proxy:
         """The body to send upstream: the client's bytes unless a field must change."""
         return _rewritten(raw, view, model_id, self.max_tokens.get(model_id))
 
-    def request_id(self, request: web.BaseRequest) -> str:
+    def request_id(self, request: Request) -> str:
         given = request.headers.get("X-Request-Id")
         if given and len(given) <= 200:
             return given
         return f"req_{self._id_prefix}{next(self._ids):x}"
 
 
-def check_key(keys: tuple[bytes, ...], request: web.BaseRequest) -> bool:
+def check_key(keys: tuple[bytes, ...], request: Request) -> bool:
     """Constant-time check of ``Authorization: Bearer`` or ``x-api-key``."""
     given = request.headers.get("x-api-key", "")
     if not given:
@@ -415,13 +410,11 @@ class _Exchange:
 
     __slots__ = ("dialect", "proxy", "rec", "relayed", "request", "response", "watch")
 
-    def __init__(
-        self, proxy: Proxy, request: web.BaseRequest, endpoint: str, dialect: Dialect
-    ) -> None:
+    def __init__(self, proxy: Proxy, request: Request, endpoint: str, dialect: Dialect) -> None:
         self.proxy = proxy
         self.request = request
         self.dialect = dialect
-        self.response: web.StreamResponse | None = None
+        self.response: Stream | None = None
         self.watch: Watch | None = None
         self.relayed = False
         self.rec = RequestRecord(
@@ -457,7 +450,9 @@ class _Exchange:
 
     async def _keep_alive(self, waiting: asyncio.Future[Any], tr: _Translation | None) -> None:
         """Start the stream and send keep-alives so the client's timeout doesn't fire."""
-        resp = await self._start_stream(None, tr)
+        resp = self._stream(None)
+        if not resp.prepared:
+            resp.start()
         while True:
             done, _ = await asyncio.wait({waiting}, timeout=KEEPALIVE_EVERY_S)
             if done:
@@ -467,7 +462,7 @@ class _Exchange:
 
     # --- the upstream exchange ------------------------------------------
 
-    async def forward(self, path: str, body: bytes, tr: _Translation | None) -> web.StreamResponse:
+    async def forward(self, path: str, body: bytes, tr: _Translation | None) -> Answer:
         """Send ``body`` to a node serving the model; fail over before the first byte."""
         model = self.rec.model
         exclude: frozenset[str] = frozenset()
@@ -486,7 +481,7 @@ class _Exchange:
 
     async def _exchange(
         self, node: NodeHandle, path: str, body: bytes, tr: _Translation | None
-    ) -> web.StreamResponse:
+    ) -> Answer:
         proxy = self.proxy
         self.rec.node = node.name
         fleet.begin(node, self.rec.model)
@@ -518,9 +513,7 @@ class _Exchange:
             if upstream is not None:
                 upstream.finish()
 
-    async def _relay(
-        self, node: NodeHandle, upstream: Reply, tr: _Translation | None
-    ) -> web.StreamResponse:
+    async def _relay(self, node: NodeHandle, upstream: Reply, tr: _Translation | None) -> Answer:
         if upstream.status >= 400:
             raw = await upstream.read()
             if tr is not None and tr.unrouted(node, upstream.status, raw):
@@ -538,7 +531,7 @@ class _Exchange:
 
     async def _relay_whole(
         self, node: NodeHandle, upstream: Reply, tr: _Translation | None
-    ) -> web.StreamResponse:
+    ) -> Answer:
         raw = await upstream.read()
         self.rec.first_token = self.rec.first_byte
         self._usage_of(raw)
@@ -551,7 +544,7 @@ class _Exchange:
         self.relayed = True
         self.rec.status = upstream.status
         ctype = upstream.headers.get("Content-Type", "application/json")
-        return _response(upstream.status, raw, ctype, headers)
+        return Response(upstream.status, raw, headers, ctype)
 
     def _usage_of(self, raw: bytes) -> None:
         try:
@@ -567,30 +560,43 @@ class _Exchange:
 
     async def _relay_stream(
         self, node: NodeHandle, upstream: Reply, tr: _Translation | None
-    ) -> web.StreamResponse:
-        resp = await self._start_stream(node.name, tr)
-        tap = Tap()
+    ) -> Answer:
+        """Forward the node's chunks as they come; ``pending`` is what is not yet sent.
+
+        What has arrived by now goes out with the head, and a last chunk with
+        the stream's end: a node's whole answer that is already here (a short
+        one, or a fast node) costs the client one write.
+        """
+        resp = self._stream(node.name)
+        translator = tr.stream if tr is not None else None
+        content = upstream.content
         watch = self.watch
         assert watch is not None
-        translator = tr.stream if tr is not None else None
+        tap = Tap()
+        pending = translator.start() if translator is not None else b""
         try:
-            async for chunk in upstream.content.iter_any():
-                watch.progress += 1
-                self.relayed = True
-                tap.feed(chunk)
-                if translator is None:
-                    await resp.write(chunk)
-                else:
-                    out = translator.feed(chunk)
-                    if out:
-                        await resp.write(out)
+            chunk = content.read_nowait()
+            while True:
+                if chunk:
+                    watch.progress += 1
+                    self.relayed = True
+                    tap.feed(chunk)
+                    pending += chunk if translator is None else translator.feed(chunk)
+                if content.at_eof():
+                    break
+                if not resp.prepared:
+                    resp.start(pending)
+                elif pending:
+                    await resp.write(pending)
+                pending = b""
+                chunk = await content.readany()
         except _CLIENT_GONE:
             self.rec.status = 499
             self.rec.error = "client_disconnected"
             self._take_tap(tap)
             return resp
         self._take_tap(tap)
-        await self._end_stream(resp, tap, translator)
+        await self._end_stream(resp, tap, translator, pending)
         return resp
 
     def _take_tap(self, tap: Tap) -> None:
@@ -607,71 +613,67 @@ class _Exchange:
 
     async def _end_stream(
         self,
-        resp: web.StreamResponse,
+        resp: Stream,
         tap: Tap,
         translator: anthropic.StreamTranslator | None,
+        tail: bytes,
     ) -> None:
+        """End the stream with ``tail`` (the last chunk not yet sent) and what must follow it."""
         if translator is not None:
-            tail = translator.finish()
-            if tail:
-                await resp.write(tail)
+            tail += translator.finish()
             if not tap.done:
                 self.rec.error = self.rec.error or "stream_truncated"
         elif not tap.done and not (tap.error and self.dialect is Dialect.ANTHROPIC):
             # (An Anthropic stream ends at its `event: error`: no message_stop follows one.)
             self.rec.error = "stream_truncated"
             cut = errors.StreamCut("the node ended the stream before it was complete")
-            await resp.write(errors.sse_frame(cut, self.dialect))
-        with contextlib.suppress(*_CLIENT_GONE):
-            await resp.write_eof()
+            tail += errors.sse_frame(cut, self.dialect)
+        try:
+            await resp.write_eof(tail)
+        except _CLIENT_GONE:
+            self.rec.status = 499
+            self.rec.error = self.rec.error or "client_disconnected"
 
-    async def _start_stream(self, node: str | None, tr: _Translation | None) -> web.StreamResponse:
-        if self.response is not None and self.response.prepared:
-            return self.response
-        resp = web.StreamResponse(status=200, headers=self._headers(node))
-        resp.content_type = "text/event-stream"
-        resp.headers["Cache-Control"] = "no-cache"
-        self.response = resp
-        self.rec.status = 200
-        await resp.prepare(self.request)
-        if tr is not None and tr.stream is not None:
-            await resp.write(tr.stream.start())
-        return resp
+    def _stream(self, node: str | None) -> Stream:
+        """This request's SSE answer (created once: keep-alives may have started it)."""
+        if self.response is None:
+            headers = self._headers(node)
+            headers["Cache-Control"] = "no-cache"
+            self.response = Stream(self.request, 200, headers)
+            self.rec.status = 200
+        return self.response
 
-    def _headers(self, node: str | None) -> CIMultiDict[str]:
-        headers: CIMultiDict[str] = CIMultiDict()
-        headers["x-request-id"] = self.rec.request_id
+    def _headers(self, node: str | None) -> dict[str, str]:
         if node:
-            headers["x-cortex-node"] = node
-        return headers
+            return {"x-request-id": self.rec.request_id, "x-cortex-node": node}
+        return {"x-request-id": self.rec.request_id}
 
     # --- endings ----------------------------------------------------------
 
-    def json(self, status: int, body: bytes) -> web.Response:
+    def json(self, status: int, body: bytes) -> Response:
         self.rec.status = status
-        return _response(status, body, "application/json", self._headers(None))
+        return Response(status, body, self._headers(None))
 
-    async def fail(self, err: CortexError) -> web.StreamResponse:
+    async def fail(self, err: CortexError) -> Answer:
         """Answer ``err``: as JSON if nothing was sent yet, else as a final SSE event."""
         self.rec.error = self.rec.error or type(err).__name__
         resp = self.response
         if resp is not None and resp.prepared:
             frame = errors.sse_frame(err, self.dialect)
             with contextlib.suppress(*_CLIENT_GONE):
-                await resp.write(frame)
-                await resp.write_eof()
+                await resp.write_eof(frame)
             return resp
         status = errors.status_for(err, self.dialect)
         self.rec.status = status
         headers = self._headers(self.rec.node or None)
         headers.update(errors.headers_for(err))
-        return _response(status, errors.body(err, self.dialect), "application/json", headers)
+        return Response(status, errors.body(err, self.dialect), headers)
 
-    def gone(self) -> web.StreamResponse:
+    def gone(self) -> Answer:
         """The client disconnected while cortex was writing to it."""
         self.rec.status = 499
         self.rec.error = self.rec.error or "client_disconnected"
-        return self.response if self.response is not None else web.Response(status=499)
+        return self.response if self.response is not None else Response(499)
 
     def close(self) -> None:
         """Hand the record to the metrics layer; runs exactly once per request."""
@@ -698,8 +700,3 @@ def _uncancel() -> bool:
     if task is not None:
         task.uncancel()
     return True
-
-
-def _response(status: int, body: bytes, ctype: str, headers: CIMultiDict[str]) -> web.Response:
-    headers["Content-Type"] = ctype
-    return web.Response(status=status, body=body, headers=headers)

@@ -2,42 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from cortex import config, errors
-from cortex.admin import admin_routes
+from cortex.admin import Route, admin_routes
 from cortex.errors import CortexError, Dialect
 from cortex.fleet import begin, end
+from cortex.server import Handler, Request, Response, Server
 from cortex.sim import SimConfig, SimModel, SimNode
 from cortex.status import render_fleet
 from cortex.supervisor import Supervisor
 
 
-@web.middleware
-async def render_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """What the gateway's dispatcher does with a CortexError a handler raises."""
-    try:
-        return await handler(request)
-    except CortexError as err:
-        return web.Response(
-            status=errors.status_for(err, Dialect.OPENAI),
-            body=errors.body(err, Dialect.OPENAI),
-            headers={"Content-Type": "application/json", **errors.headers_for(err)},
-        )
+def dispatcher(routes: list[Route]) -> Handler:
+    """What the gateway's dispatcher does: find the handler, render a CortexError it raises."""
+    table = {(r.method, r.path): r.handler for r in routes}
+
+    async def handle(request: Request) -> Response:
+        handler = table.get((request.method, request.path))
+        if handler is None:
+            return Response(404, b'{"error":"no route"}')
+        try:
+            return await handler(request)
+        except CortexError as err:
+            body = errors.body(err, Dialect.OPENAI)
+            return Response(errors.status_for(err, Dialect.OPENAI), body, errors.headers_for(err))
+
+    return handle
 
 
 @dataclass
 class Admin:
-    client: TestClient[web.Request, web.Application]
+    client: aiohttp.ClientSession
     sup: Supervisor
     nodes: dict[str, SimNode]
 
@@ -48,7 +50,7 @@ class Admin:
 
 
 @pytest.fixture
-async def admin(aiohttp_client: Any) -> AsyncIterator[Admin]:
+async def admin() -> AsyncIterator[Admin]:
     nodes = {
         "a": SimNode(
             SimConfig(
@@ -82,10 +84,15 @@ async def admin(aiohttp_client: Any) -> AsyncIterator[Admin]:
     session = aiohttp.ClientSession()
     sup = Supervisor(cfg, session)
     await sup.start()
-    app = web.Application(middlewares=[render_errors])
-    app.add_routes(admin_routes(sup))
-    client = await aiohttp_client(app)
+    server = Server(dispatcher(admin_routes(sup)), receive_timeout=10.0)
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client = aiohttp.ClientSession(f"http://127.0.0.1:{port}")
     yield Admin(client, sup, nodes)
+    await client.close()
+    listener.close()
+    await server.shutdown(1.0)
+    await listener.wait_closed()
     await sup.stop()
     await session.close()
     for node in nodes.values():

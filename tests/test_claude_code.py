@@ -22,10 +22,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
 
 from cortex.app import Gateway
 from cortex.proxy import DEFAULT_ANTHROPIC_MAX_TOKENS
+from cortex.server import Request
 from cortex.sim import SimConfig, SimModel, answer_text
 from cortex.sim.text import tool_result_pieces
 from tests.conftest import Fleet, FleetFactory
@@ -62,10 +62,10 @@ def record_requests(gateway: Gateway) -> list[Sent]:
     seen: list[Sent] = []
     read_body = gateway.proxy._read_body
 
-    async def reading(request: web.BaseRequest) -> bytes:
+    async def reading(request: Request) -> bytes:
         raw = await read_body(request)
         headers = {name.lower(): value for name, value in request.headers.items()}
-        seen.append(Sent(request.method, request.path_qs, headers, orjson.loads(raw)))
+        seen.append(Sent(request.method, request.target, headers, orjson.loads(raw)))
         return raw
 
     gateway.proxy._read_body = reading  # type: ignore[method-assign]

@@ -14,7 +14,6 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
 from click.testing import CliRunner
 
 from cortex import config, logs
@@ -243,17 +242,45 @@ async def test_admin_routes_need_the_admin_key_when_one_is_set(make_fleet: Fleet
             assert r.status == 401
 
 
-class _Transport:
-    """Enough of a transport for a mocked request that came from ``peer``."""
+class _Transport(asyncio.Transport):
+    """A connection from ``peer`` that keeps what the gateway writes to it."""
 
     def __init__(self, peer: tuple[str, int]) -> None:
+        super().__init__()
         self.peer = peer
+        self.sent = b""
+        self.answered = asyncio.Event()  # a whole answer (head and body: one write) came
+        self.closed = asyncio.Event()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.peer if name == "peername" else default
 
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += bytes(data)
+        self.answered.set()
+
     def is_closing(self) -> bool:
-        return False
+        return self.closed.is_set()
+
+    def close(self) -> None:
+        self.closed.set()
+
+    abort = close
+
+
+async def _answer_from(fleet: Fleet, peer: str, request: bytes) -> tuple[int, bytes]:
+    """Status and body of the gateway's answer to ``request``, sent from ``peer``."""
+    server = fleet.gateway._server
+    assert server is not None
+    transport = _Transport((peer, 40000))
+    conn = server()
+    conn.connection_made(transport)
+    conn.data_received(request)
+    async with asyncio.timeout(5):
+        await transport.answered.wait()
+    conn.connection_lost(None)
+    head, _, body = transport.sent.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
 
 
 @pytest.mark.parametrize(
@@ -274,17 +301,14 @@ async def test_without_an_admin_key_only_loopback_clients_reach_the_admin_api(
     fleet = await make_fleet(gateway={"api_keys": [GOOD]})
     # A spoofed address header or an API key changes nothing: the peer address decides.
     headers = {"X-Real-IP": "127.0.0.1", "x-api-key": GOOD}
-    request = make_mocked_request(
-        "GET", "/admin/fleet", headers=headers, transport=_Transport((peer, 40000))
-    )
-    response = await fleet.gateway.handle(request)
-    assert isinstance(response, web.Response)
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = f"GET /admin/fleet HTTP/1.1\r\nHost: cortex\r\n{lines}\r\n".encode()
+    status, body = await _answer_from(fleet, peer, request)
     if allowed:
-        assert response.status == 200
+        assert status == 200
     else:
-        assert response.status == 403
-        assert isinstance(response.body, bytes)
-        err = orjson.loads(response.body)["error"]
+        assert status == 403
+        err = orjson.loads(body)["error"]
         assert err["type"] == "permission_error" and "loopback" in err["message"]
     async with aiohttp.ClientSession() as s, s.get(fleet.url + "/admin/fleet") as r:
         assert r.status == 200  # this test's own client is on loopback

@@ -219,21 +219,35 @@ class TextFormatter(logging.Formatter):
         ttft = _ms(rec.first_token - rec.started) if rec.first_token else "-"
         return (
             f"{self._clock.iso(time.time())} INFO cortex.access request"
-            f" request_id={_text_value(rec.request_id)} client={_text_value(rec.client)}"
-            f" dialect={rec.dialect} endpoint={rec.endpoint} model={_text_value(rec.model)}"
-            f" node={_text_value(rec.node)} status={rec.status}"
+            f" request_id={_text_value(rec.request_id)} client={_label(rec.client)}"
+            f" dialect={rec.dialect} endpoint={rec.endpoint} model={_label(rec.model)}"
+            f" node={_label(rec.node)} status={rec.status}"
             f" stream={'true' if rec.stream else 'false'}"
             f" prompt_tokens={_text_value(rec.prompt_tokens)}"
             f" completion_tokens={_text_value(rec.completion_tokens)}"
             f" estimated={'true' if rec.estimated else 'false'} ttft_ms={ttft}"
             f" latency_ms={_ms(rec.ended - rec.started)} queue_ms={_ms(rec.queue_wait_s)}"
-            f" load_ms={_ms(rec.load_wait_s)} error={_text_value(rec.error)}"
+            f" load_ms={_ms(rec.load_wait_s)} error={_label(rec.error)}"
         )
 
 
 # Printable ASCII but space, '"', '=' and '\\': left bare; anything else is JSON-quoted,
 # so a value can neither split the line nor fake another field.
 _BARE = re.compile(r"[!#-<>-\[\]-~]+")
+
+
+_LABELS: dict[str, str] = {}
+_MAX_LABELS = 1024
+
+
+def _label(text: str) -> str:
+    """:func:`_text_value` of a value that repeats (address, model, node, error), cached."""
+    out = _LABELS.get(text)
+    if out is None:
+        if len(_LABELS) >= _MAX_LABELS:
+            _LABELS.clear()
+        out = _LABELS[text] = _text_value(text)
+    return out
 
 
 def _text_value(value: object) -> str:

@@ -29,7 +29,16 @@ from email.utils import formatdate
 from http import HTTPStatus
 
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    ContentLengthError,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
@@ -49,6 +58,18 @@ _MAX_LINE = 8190
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
+_CHUNKED = "Transfer-Encoding: chunked\r\n"
+# What a 400 says: fixed texts, as aiohttp's messages quote the offending bytes
+# (an oversized Authorization header would come back in the body, and in logs).
+_REFUSALS: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (LineTooLong, "a request line or header field is too long"),
+    (InvalidHeader, "invalid header field"),
+    (BadHttpMethod, "invalid method"),
+    (BadStatusLine, "invalid request line"),
+    (InvalidURLError, "invalid request target"),
+    (TransferEncodingError, "invalid chunked body"),
+    (ContentLengthError, "invalid Content-Length"),
+)
 
 
 class TooLarge(Exception):
@@ -69,7 +90,7 @@ class Request:
         self.method: str = message.method
         self.target: str = message.path  # as sent: maybe %-encoded, with a query
         path = self.target
-        if "?" in path or "%" in path or "#" in path:
+        if "?" in path or "%" in path or "#" in path or path[:1] != "/":
             path = message.url.path
         self.path = path
         self.headers: CIMultiDictProxy[str] = message.headers
@@ -165,40 +186,42 @@ class Stream:
 
     def start(self, first: bytes = b"") -> None:
         """Send the head (and ``first``, the body's first bytes, in the same write)."""
-        conn = self._conn
-        framing = "Transfer-Encoding: chunked\r\n" if self._chunked else ""
-        if not self._chunked:
-            conn.keep_alive = False
-        head = conn.head(self.status, self.headers, self.content_type, framing)
-        self.prepared = True
-        conn.send(head + self._frame(first) if first else head)
+        self._send(first, b"")
 
     async def write(self, data: bytes) -> None:
         if not data:  # an empty chunk would end a chunked body
             return
-        if not self.prepared:
-            self.start(data)
-        else:
-            self._conn.send(self._frame(data))
+        self._send(data, b"")
         if self._conn.writing_paused:
             await self._conn.drain()
 
     async def write_eof(self, data: bytes = b"") -> None:
         """End the answer, with ``data`` as its last bytes."""
-        if self.ended:
-            return
-        if not self.prepared:
-            self.start()
-        self.ended = True
-        if self._chunked:
-            self._conn.send(self._frame(data) + _LAST_CHUNK if data else _LAST_CHUNK)
-        elif data:
-            self._conn.send(data)
+        if not self.ended:
+            self.ended = True
+            self._send(data, _LAST_CHUNK if self._chunked else b"")
 
-    def _frame(self, data: bytes) -> bytes:
+    def _send(self, data: bytes, end: bytes) -> None:
+        """One write: the head if not sent yet, ``data`` framed, then ``end``."""
+        parts = []
+        if not self.prepared:
+            self.prepared = True
+            parts.append(self._head())
+        if data and self._chunked:
+            parts += (b"%x\r\n" % len(data), data, b"\r\n")
+        elif data:
+            parts.append(data)
+        parts.append(end)
+        out = b"".join(parts)
+        if out:
+            self._conn.send(out)
+
+    def _head(self) -> bytes:
+        conn = self._conn
         if not self._chunked:
-            return data
-        return b"%x\r\n%b\r\n" % (len(data), data)
+            conn.keep_alive = False  # the body ends when the connection does
+            return conn.head(self.status, self.headers, self.content_type, "")
+        return conn.head(self.status, self.headers, self.content_type, _CHUNKED)
 
 
 Answer = Response | Stream
@@ -262,9 +285,11 @@ class Connection(BaseProtocol):
 
     __slots__ = (
         "_failed",
+        "_head_sent",
         "_http",
         "_http10",
         "_idle_since",
+        "_payload",
         "_queue",
         "_receiving",
         "_server",
@@ -290,6 +315,8 @@ class Connection(BaseProtocol):
         self._idle_since = loop.time()
         self._failed = False  # the parser rejected what came: nothing after it is read
         self._http10 = False  # the request being answered is HTTP/1.0
+        self._head_sent = False  # the answer being written has sent its head
+        self._payload: StreamReader | None = None  # the body the parser fills last
         self.task: asyncio.Task[None] | None = None
         self.keep_alive = True
         self.peer = ""
@@ -322,16 +349,26 @@ class Connection(BaseProtocol):
         except HttpProcessingError as exc:
             self._failed = True
             self._queue.append(exc)
+            payload = self._payload
+            if payload is not None and not payload.is_eof():  # its handler must hear of it
+                payload.set_exception(RequestPayloadError(_refusal(exc)))
         else:
             if not messages:
                 return
             for _, payload in messages:  # a whole request (its body too) stops the clock
                 payload.on_eof(self._received)
+            self._payload = messages[-1][1]
             self._queue.extend(messages)
             if len(self._queue) >= _MAX_QUEUED:
                 self._pause_reading_for_buffer()
         if self.task is None:
             self._next()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # aiohttp's StreamReader calls this after every read, paused or not; resuming
+        # re-enters data_received(b"") and the transport: only when there is a pause.
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
 
     # --- answering ----------------------------------------------------------------
 
@@ -350,12 +387,18 @@ class Connection(BaseProtocol):
         if message.should_close or message.upgrade or self._server.closing:
             self.keep_alive = False
         self._http10 = message.version < (1, 1)
+        self._head_sent = False
         request = Request(self, message, payload)
         try:
             answer = await self._server.handler(request)
         except Exception:
             log.exception("unexpected error answering %s %s", request.method, request.path)
             answer = Response(500, b"500: Internal Server Error", content_type="text/plain")
+        if self._head_sent and not isinstance(answer, Stream):
+            self.keep_alive = False  # a stream broke off: the client must see it cut
+            self.task = None
+            self._done()
+            return
         if self.transport is None or self.transport.is_closing():
             self.task = None
             return
@@ -395,10 +438,8 @@ class Connection(BaseProtocol):
 
     def _refuse(self, exc: HttpProcessingError) -> None:
         """A request the parser rejected: 400, then close (the stream cannot be resynced)."""
-        log.info("bad request from %s: %s (HTTP 400)", self.peer or "?", type(exc).__name__)
-        # The error's first line says what is wrong; the lines after it quote the
-        # offending bytes, which may be a credential.
-        text = (exc.message or "Bad Request").split("\n", 1)[0].rstrip(": ")
+        text = _refusal(exc)
+        log.info("bad request from %s: %s (HTTP 400)", self.peer or "?", text)
         self.keep_alive = False
         self._send_whole(
             Response(400, text.encode(), content_type="text/plain; charset=utf-8"),
@@ -408,6 +449,7 @@ class Connection(BaseProtocol):
 
     def head(self, status: int, headers: dict[str, str], content_type: str, framing: str) -> bytes:
         """The status line and headers (header values come from cortex, never raw CR/LF)."""
+        self._head_sent = True
         lines = [
             _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n",
             f"Content-Type: {content_type}\r\n",
@@ -469,6 +511,15 @@ class Connection(BaseProtocol):
         self.keep_alive = False
         if self.transport is not None:
             self.transport.abort()
+
+
+def _refusal(exc: HttpProcessingError) -> str:
+    for kind, text in _REFUSALS:
+        if isinstance(exc, kind):
+            return text
+    if exc.message.startswith("Too many headers"):
+        return "too many header fields"
+    return "malformed HTTP request"
 
 
 async def _linger(payload: StreamReader) -> None:

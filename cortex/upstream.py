@@ -32,6 +32,14 @@ _MAX_IDLE = 512
 _MAX_CONNECTING = 128
 
 
+class _NodeConnection(ResponseHandler):
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # aiohttp's StreamReader calls this after every read, paused or not; resuming
+        # re-enters data_received(b"") and the transport: only when there is a pause.
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
+
 class ConnectFailed(ConnectionError):
     """The node could not be reached (refused, unreachable, connect timeout)."""
 
@@ -168,7 +176,7 @@ class Pool:
         try:
             _, proto = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: ResponseHandler(loop), target.host, target.port, ssl=target.ssl
+                    lambda: _NodeConnection(loop), target.host, target.port, ssl=target.ssl
                 ),
                 self.connect_timeout,
             )

@@ -336,8 +336,8 @@ async def test_header_floods(
         status, headers, answer = await read_response(conn.reader)
     assert status == expected
     if expected == 400:
-        assert headers["content-type"].startswith("text/plain")  # aiohttp's own answer
-        assert answer.startswith((b"Too many headers", b"Got more than 8190 bytes"))
+        assert headers["content-type"].startswith("text/plain")
+        assert answer in (b"too many header fields", b"a request line or header field is too long")
         assert await conn.closed_within(2)
     await assert_still_serving(fleet)
 

@@ -55,21 +55,18 @@ _READ_LIMIT = 1 << 16
 _MAX_QUEUED = 32  # parsed pipelined requests; reading pauses beyond this
 _MAX_HEADERS = 128
 _MAX_LINE = 8190
+# All of a request's head: the per-line and per-count limits alone let ~1 MB through.
+# (nginx refuses past 32 KB; SDKs and Claude Code send a few KB.)
+MAX_HEAD = 64 * 1024
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CHUNKED = "Transfer-Encoding: chunked\r\n"
-# What a 400 says: fixed texts, as aiohttp's messages quote the offending bytes
-# (an oversized Authorization header would come back in the body, and in logs).
-_REFUSALS: tuple[tuple[type[HttpProcessingError], str], ...] = (
-    (LineTooLong, "a request line or header field is too long"),
-    (InvalidHeader, "invalid header field"),
-    (BadHttpMethod, "invalid method"),
-    (BadStatusLine, "invalid request line"),
-    (InvalidURLError, "invalid request target"),
-    (TransferEncodingError, "invalid chunked body"),
-    (ContentLengthError, "invalid Content-Length"),
-)
+
+
+class HeadTooLarge(HttpProcessingError):
+    code = 431
+    message = "request header fields too large"
 
 
 class TooLarge(Exception):
@@ -285,6 +282,7 @@ class Connection(BaseProtocol):
 
     __slots__ = (
         "_failed",
+        "_head_bytes",
         "_head_sent",
         "_http",
         "_http10",
@@ -316,6 +314,7 @@ class Connection(BaseProtocol):
         self._failed = False  # the parser rejected what came: nothing after it is read
         self._http10 = False  # the request being answered is HTTP/1.0
         self._head_sent = False  # the answer being written has sent its head
+        self._head_bytes = 0  # received of a request head not yet whole
         self._payload: StreamReader | None = None  # the body the parser fills last
         self.task: asyncio.Task[None] | None = None
         self.keep_alive = True
@@ -344,17 +343,26 @@ class Connection(BaseProtocol):
             return
         if data and not self._receiving:  # (b"" comes from resume_reading: parse what is held)
             self._receiving = self._loop.time()
+        payload = self._payload
+        in_head = payload is None or payload.is_eof()  # (else `data` starts with body bytes)
         try:
             messages, _, _ = self._http.feed_data(data)
+            if in_head or messages:
+                self._head_bytes += len(data)
+                # (Body bytes may be in the count: over the cap, measure the heads.)
+                if self._head_bytes > MAX_HEAD and (
+                    not messages or any(_head_size(m) > MAX_HEAD for m, _ in messages)
+                ):
+                    raise HeadTooLarge()
         except HttpProcessingError as exc:
             self._failed = True
             self._queue.append(exc)
-            payload = self._payload
             if payload is not None and not payload.is_eof():  # its handler must hear of it
                 payload.set_exception(RequestPayloadError(_refusal(exc)))
         else:
             if not messages:
                 return
+            self._head_bytes = 0
             for _, payload in messages:  # a whole request (its body too) stops the clock
                 payload.on_eof(self._received)
             self._payload = messages[-1][1]
@@ -426,7 +434,7 @@ class Connection(BaseProtocol):
         self._idle_since = self._loop.time()
         if self._buffer_paused and len(self._queue) < _MAX_QUEUED // 2:
             self._resume_reading_for_buffer()
-            self._http.feed_data(b"")  # requests the parser held back while paused
+            self.data_received(b"")  # requests the parser held back while paused
         if self._queue:
             self._next()
 
@@ -439,10 +447,11 @@ class Connection(BaseProtocol):
     def _refuse(self, exc: HttpProcessingError) -> None:
         """A request the parser rejected: 400, then close (the stream cannot be resynced)."""
         text = _refusal(exc)
-        log.info("bad request from %s: %s (HTTP 400)", self.peer or "?", text)
+        status = 431 if isinstance(exc, HeadTooLarge) else 400
+        log.info("bad request from %s: %s (HTTP %d)", self.peer or "?", text, status)
         self.keep_alive = False
         self._send_whole(
-            Response(400, text.encode(), content_type="text/plain; charset=utf-8"),
+            Response(status, text.encode(), content_type="text/plain; charset=utf-8"),
             head_only=False,
         )
         self._done()
@@ -511,6 +520,24 @@ class Connection(BaseProtocol):
         self.keep_alive = False
         if self.transport is not None:
             self.transport.abort()
+
+
+# What a 400 says: fixed texts, as aiohttp's messages quote the offending bytes
+# (an oversized Authorization header would come back in the body, and in logs).
+_REFUSALS: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (HeadTooLarge, f"request header fields over {MAX_HEAD // 1024} KiB in all"),
+    (LineTooLong, "a request line or header field is too long"),
+    (InvalidHeader, "invalid header field"),
+    (BadHttpMethod, "invalid method"),
+    (BadStatusLine, "invalid request line"),
+    (InvalidURLError, "invalid request target"),
+    (TransferEncodingError, "invalid chunked body"),
+    (ContentLengthError, "invalid Content-Length"),
+)
+
+
+def _head_size(message: RawRequestMessage) -> int:
+    return len(message.path) + sum(len(k) + len(v) + 4 for k, v in message.raw_headers)
 
 
 def _refusal(exc: HttpProcessingError) -> str:

@@ -559,6 +559,43 @@ async def test_a_request_that_cannot_be_parsed_gets_400_then_close(serve: Serve)
         assert await conn.rest() == b""  # the request after it is not answered
 
 
+async def test_a_head_over_64_kib_in_all_is_431(serve: Serve) -> None:
+    """Each header within the limits, sent in pieces: the total is what counts."""
+    served = await serve(ROUTES)
+    fields = [f"X-Big-{i}: {'y' * 8000}" for i in range(9)]  # ~72 KB
+    async with asyncio.timeout(5):
+        conn = await served.connect()
+        request = get("/hello", *fields)
+        for at in range(0, len(request), 4096):
+            with contextlib.suppress(ConnectionError):
+                conn.send(request[at : at + 4096])
+            await asyncio.sleep(0)
+        head, body = await conn.answer()
+        assert head.status == "HTTP/1.1 431 Request Header Fields Too Large"
+        assert body == b"request header fields over 64 KiB in all"
+        await conn.closed()
+
+
+async def test_a_large_head_under_the_cap_and_large_bodies_are_served(serve: Serve) -> None:
+    served = await serve({**ROUTES, "/big": big_echo})
+    fields = [f"X-Big-{i}: {'y' * 8000}" for i in range(7)]  # ~56 KB, in pieces
+    body = b"z" * 300_000  # body bytes never count as head bytes
+    async with asyncio.timeout(5):
+        conn = await served.connect()
+        request = get("/hello", *fields)
+        for at in range(0, len(request), 4096):
+            conn.send(request[at : at + 4096])
+            await asyncio.sleep(0)
+        assert (await conn.answer())[1] == HELLO
+        for _ in range(3):  # a body arriving with its head, and one after it, on one connection
+            conn.send(post("/big", body))
+            assert (await conn.answer())[1] == b"300000"
+
+
+async def big_echo(request: Request) -> Response:
+    return Response(200, str(len(await request.read(1 << 20))).encode(), content_type="text/plain")
+
+
 async def test_the_400_does_not_quote_an_oversized_header(serve: Serve) -> None:
     served = await serve(ROUTES)
     async with asyncio.timeout(5):

@@ -188,7 +188,10 @@ class Stream:
     async def write(self, data: bytes) -> None:
         if not data:  # an empty chunk would end a chunked body
             return
-        self._send(data, b"")
+        if self.prepared and self._chunked:  # the per-token case: one format, one write
+            self._conn.send(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self._send(data, b"")
         if self._conn.writing_paused:
             await self._conn.drain()
 

@@ -133,7 +133,6 @@ class Pool:
     async def _send(
         self, target: _Target, proto: ResponseHandler, head: bytes, body: bytes
     ) -> Reply:
-        proto.set_response_params(auto_decompress=False, read_bufsize=_READ_BUFSIZE)
         transport = proto.transport
         assert transport is not None
         if len(body) < 16384:
@@ -184,6 +183,9 @@ class Pool:
             raise ConnectFailed(
                 f"cannot connect to {target.host}:{target.port}: {str(exc) or 'timed out'}"
             ) from exc
+        # Once per connection (aiohttp's client does it per request, building a new
+        # parser each time): llhttp reads one answer after the other.
+        proto.set_response_params(auto_decompress=False, read_bufsize=_READ_BUFSIZE)
         return proto
 
     def _target(self, node: NodeHandle) -> _Target:

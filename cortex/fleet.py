@@ -8,7 +8,9 @@ dict lookups on it; it never awaits the supervisor when a model is loaded.
 The one thing the request path writes is its own accounting on
 :class:`NodeHandle` (in-flight counts and last-use times), through
 :func:`begin` and :func:`end`. Those are plain ints and floats touched from the
-one event loop, so no lock is needed.
+one event loop, so no lock is needed. ``NodeHandle.stalls`` is the supervisor's
+(set when a node is held out for stalls): the request path only reads it, and
+reports a first byte to the supervisor only from a node where it is not 0.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class NodeHandle:
     last_used: dict[str, float] = field(default_factory=dict)  # model -> time.monotonic()
     # `anthropic = "auto"` nodes: does it serve /v1/messages? None until a request finds out.
     messages_native: bool | None = None
+    stalls: int = 0  # first-byte stalls in a row; written by the supervisor only
 
     @classmethod
     def from_config(cls, node: Node) -> NodeHandle:

@@ -20,6 +20,11 @@ from cortex.fleet import ModelState, NodeHandle, NodeState, NodeView, Snapshot
 
 Strategy = Literal["lru", "priority"]
 NO_NODES: frozenset[str] = frozenset()
+# The longest a node is held out for first-byte stalls. Its polls were good all
+# along, so nothing but a request tells cortex that it is well again (a lazy load
+# that ended, an operator's restart): a longer hold mostly idles a good node, and
+# after 5 min of holds the log and `cortex_node_up` have told someone.
+STALL_HOLD_MAX_S = 300.0
 # Model states that only cortex sets and ends (a load or an eviction under way).
 CORTEX_OWNED = frozenset({ModelState.LOADING, ModelState.UNLOADING})
 
@@ -67,6 +72,8 @@ def choose_loaded(
     """The node to send a request for ``model_id`` to, among those where it is loaded.
 
     Fewest requests in flight wins; a tie goes to the node with the most free VRAM.
+    A node back from a hold-out for stalls is on probation: it gets one request
+    at a time (its first byte ends the probation) while another node can serve.
     """
     routes = snapshot.routes.get(model_id)
     if not routes:
@@ -77,7 +84,7 @@ def choose_loaded(
     best: NodeHandle | None = None
     best_free = 0
     for handle in routes:
-        if handle.name in exclude:
+        if handle.name in exclude or (handle.stalls and handle.inflight):
             continue
         if best is None or handle.inflight < best.inflight:
             best, best_free = handle, snapshot.nodes[handle.name].free_mb
@@ -211,18 +218,47 @@ def merge_models(
     return out
 
 
-def after_poll(state: NodeState, ok: bool, failures: int, down_after: int) -> tuple[NodeState, int]:
+def after_poll(
+    state: NodeState, ok: bool, failures: int, down_after: int, *, held: bool = False
+) -> tuple[NodeState, int]:
     """A node's state and failed-polls-in-a-row count after one poll.
 
-    Down after ``down_after`` failures in a row, up again after one good poll.
-    A draining or restarting node is in the hands of its restart, not the poll.
+    Down after ``down_after`` failures in a row, up again after one good poll,
+    unless it is ``held`` out for stalls (see :func:`after_stall`): then it stays
+    down until a good poll after the hold. A draining or restarting node is in
+    the hands of its restart, not the poll.
     """
     if ok:
-        return (NodeState.UP if state in _POLL_OWNED else state), 0
+        if state not in _POLL_OWNED:
+            return state, 0
+        return (NodeState.DOWN if held else NodeState.UP), 0
     failures += 1
     if state in _POLL_OWNED and failures >= down_after:
         return NodeState.DOWN, failures
     return state, failures
+
+
+def after_stall(
+    state: NodeState,
+    stalls: int,
+    held_until: float,
+    now: float,
+    base_s: float,
+    max_s: float = STALL_HOLD_MAX_S,
+) -> tuple[int, float]:
+    """A node's first-byte stalls in a row, and how long from ``now`` to hold it out
+    of routing, after a request to it got no first byte (0 s: the stall is not counted).
+
+    ``base_s`` for the first stall, doubling with each one in a row, at most ``max_s``.
+    A stall while the node is held (``now < held_until``) is not counted: that
+    request was sent before the hold, so it is no new chance the node failed; nor
+    is one of a node in the hands of a restart.
+    """
+    if state not in _POLL_OWNED or now < held_until:
+        return stalls, 0.0
+    stalls += 1
+    # the exponent is bounded: a node may stall for days, and 2.0**1024 overflows
+    return stalls, min(base_s * 2.0 ** min(stalls - 1, 64), max_s)
 
 
 _POLL_OWNED = frozenset({NodeState.UNKNOWN, NodeState.UP, NodeState.DOWN})

@@ -68,6 +68,7 @@ class Router(Protocol):
         self, model_id: str, *, exclude: frozenset[str] = ...
     ) -> tuple[NodeHandle, float]: ...
     def report_failure(self, node: NodeHandle, reason: str, *, poll_now: bool = ...) -> None: ...
+    def report_ok(self, node: NodeHandle) -> None: ...
 
 
 class Recorder(Protocol):
@@ -491,6 +492,8 @@ class _Exchange:
             self.rec.upstream_sent = time.monotonic()
             upstream = await proxy.pool.request(node, path, body, self.rec.request_id)
             self.rec.first_byte = time.monotonic()
+            if node.stalls:  # it answers again: its stalls in a row are over
+                proxy.router.report_ok(node)
             self.watch.advance(proxy.idle_s, "idle")
             return await self._relay(node, upstream, tr)
         except _UPSTREAM_ERRORS as exc:
@@ -499,7 +502,7 @@ class _Exchange:
             raise errors.BadGateway(f"node {node.name} broke the connection: {exc}") from None
         except asyncio.CancelledError:
             if self.watch.fired and _uncancel():
-                if self.watch.stage == "first byte":  # its polls may be fine: wait for the next
+                if self.watch.stage == "first byte":  # its polls may be fine: held out a while
                     reason = f"no first byte in {self.watch.limit:g} s"
                     proxy.router.report_failure(node, reason, poll_now=False)
                 raise errors.GatewayTimeout(

@@ -78,6 +78,8 @@ class _Node:
     pins_removed: set[str] = field(default_factory=set)
     warned_no_agent: bool = False
     gpu: tuple[int, int] | None = None
+    held_until: float = 0.0  # time.monotonic(): out of routing for stalls until then
+    hold_reason: str = ""  # shown as its error while held, whatever the polls say
 
     @property
     def name(self) -> str:
@@ -202,14 +204,20 @@ class Supervisor:
         return handle, time.monotonic() - started
 
     def report_failure(self, node: NodeHandle, reason: str, *, poll_now: bool = True) -> None:
-        """A connection to ``node`` failed before its first byte: stop routing there now.
+        """A request to ``node`` failed before its first byte: stop routing there now.
 
-        The node is marked down at once and polled right away; one good poll
-        brings it back. Not ``poll_now`` (a node that answers polls but not
-        requests: a first-byte timeout): it stays down until the next regular poll.
+        ``poll_now`` (the connection failed): the node is marked down at once and
+        polled right away; one good poll brings it back. Not ``poll_now`` (a
+        first-byte timeout: the node answers polls but not requests): it is held
+        out, down whatever its polls say, for ``poll.interval_s`` doubled with each
+        stall in a row (at most :data:`~cortex.placement.STALL_HOLD_MAX_S`); the
+        first good poll after that brings it back. :meth:`report_ok` ends the row.
         """
         rec = self._nodes.get(node.name)
         if rec is None or rec.handle is not node:
+            return
+        if not poll_now:
+            self._stalled(rec, reason)
             return
         if rec.state in (NodeState.UP, NodeState.UNKNOWN):
             log.warning("node %s is down: %s", rec.name, reason)
@@ -217,9 +225,34 @@ class Supervisor:
             rec.failures = max(rec.failures, self.cfg.poll.down_after)
             rec.error = reason
             self._publish()
-        if poll_now:
-            self._soon.add(rec.name)
-            self._wake.set()
+        self._poll_soon(rec.name)
+
+    def report_ok(self, node: NodeHandle) -> None:
+        """A request to ``node`` got its first byte: its stalls in a row are over.
+
+        The request path calls this only when ``node.stalls`` is not 0. A hold
+        under way runs out: that request may have been sent before it.
+        """
+        if node.stalls:
+            log.info("node %s answered after %s", node.name, _in_a_row(node.stalls))
+            node.stalls = 0
+
+    def _stalled(self, rec: _Node, reason: str) -> None:
+        now = time.monotonic()
+        stalls, hold_s = placement.after_stall(
+            rec.state, rec.handle.stalls, rec.held_until, now, self.cfg.poll.interval_s
+        )
+        if not hold_s:
+            return
+        rec.handle.stalls = stalls
+        rec.held_until = now + hold_s
+        rec.hold_reason = f"{reason}; held out for {hold_s:g} s after {_in_a_row(stalls)}"
+        log.warning(
+            "node %s held out for %g s after %s: %s", rec.name, hold_s, _in_a_row(stalls), reason
+        )
+        rec.state = NodeState.DOWN
+        rec.error = rec.hold_reason
+        self._publish()
 
     async def _ensure(
         self, model_id: str, exclude: frozenset[str], *, patient: bool = True
@@ -575,13 +608,14 @@ class Supervisor:
     def _apply(self, rec: _Node, result: PollResult) -> None:
         before = rec.state
         ok = result.models is not None
+        held = time.monotonic() < rec.held_until
         rec.state, rec.failures = placement.after_poll(
-            rec.state, ok, rec.failures, self.cfg.poll.down_after
+            rec.state, ok, rec.failures, self.cfg.poll.down_after, held=held
         )
         rec.running, rec.waiting = result.running, result.waiting
         rec.gpu = result.gpu
         if result.models is not None:
-            rec.error = ""
+            rec.error = rec.hold_reason if held else ""
             if result.epoch == rec.epoch:
                 rec.models = placement.merge_models(rec.models, result.models)
         else:
@@ -808,6 +842,10 @@ class Supervisor:
 
 
 _UNLOADABLE = frozenset({ModelState.LOADED, ModelState.RELOADING})
+
+
+def _in_a_row(stalls: int) -> str:
+    return "1 stall" if stalls == 1 else f"{stalls} stalls in a row"
 
 
 def _node_info(view: NodeView, sizes: Mapping[str, int], now: float) -> dict[str, Any]:

@@ -163,13 +163,72 @@ async def test_a_stalled_node_times_out_and_is_reported(make_fleet: FleetFactory
             "cortex_request_errors_total", node="stuck", error="GatewayTimeout"
         )
         assert errors == 1
-        # reported: out of routing until a poll says otherwise (none is due for 30 s)
+        # reported: held out of routing for a poll interval (30 s), whatever its polls say
         assert not routable(fleet, "stuck")
         for _ in range(4):
             async with s.post(
                 fleet.url + "/v1/chat/completions", data=orjson.dumps(CHAT), headers=JSON
             ) as r:
                 assert r.status == 200 and r.headers["x-cortex-node"] == "b"
+
+
+async def test_a_node_that_keeps_stalling_is_held_out_longer_each_time(
+    make_fleet: FleetFactory,
+) -> None:
+    interval = 0.1
+    fleet = await make_fleet(
+        {
+            # more free VRAM: it wins every tie, so it gets each request while it is up
+            "stuck": SimConfig(models=[SimModel("m1")], instant=True, vram_mb=32768),
+            "b": SimConfig(models=[SimModel("m1")], instant=True),
+        },
+        gateway={"first_byte_timeout_s": 0.3},
+        poll={"interval_s": interval},
+    )
+    fleet.gateway.watchdog.period = 0.05  # a timeout fires within 0.05 s of its limit
+    stuck = fleet.nodes["stuck"]
+    stuck.faults.stall = True
+    sup = fleet.gateway.supervisor
+    handle = sup.snapshot.nodes["stuck"].handle
+
+    async def chat(s: aiohttp.ClientSession) -> tuple[int, str]:
+        body = orjson.dumps(CHAT)
+        async with s.post(fleet.url + "/v1/chat/completions", data=body, headers=JSON) as r:
+            await r.read()
+            return r.status, r.headers.get("x-cortex-node", "")
+
+    async def stall(s: aiohttp.ClientSession, hold: float, in_a_row: str) -> float:
+        """One request stalls on `stuck`; how long it stays out of routing after that."""
+        assert await chat(s) == (504, "stuck")
+        held, polled = time.monotonic(), stuck.counters["/v1/models"]
+        error = f"no first byte in 0.3 s; held out for {hold:g} s after {in_a_row}"
+        assert sup.snapshot.nodes["stuck"].error == error
+        while time.monotonic() < held + hold / 3:  # surely still held: the others serve
+            assert await chat(s) == (200, "b")
+        async with s.get(fleet.url + "/admin/fleet") as r:
+            [node] = [n for n in (await r.json())["nodes"] if n["name"] == "stuck"]
+        assert (node["state"], node["error"]) == ("down", error)
+        assert fleet.gateway.metrics.sample("cortex_node_up", node="stuck") == 0
+        await fleet.wait_for(lambda: routable(fleet, "stuck"))
+        assert stuck.counters["/v1/models"] > polled  # its polls went on, and were good
+        return time.monotonic() - held
+
+    async with aiohttp.ClientSession() as s:
+        out = [
+            await stall(s, 0.1, "1 stall"),
+            await stall(s, 0.2, "2 stalls in a row"),
+            await stall(s, 0.4, "3 stalls in a row"),
+        ]
+        # out at least as long as each hold (its report came a few ms before `held`),
+        # though good polls alone would have brought it back within about 0.1 s
+        for took, hold in zip(out, (0.1, 0.2, 0.4), strict=True):
+            assert hold - 0.02 < took < hold + 1.0
+        assert handle.stalls == 3
+        stuck.faults.stall = False
+        assert await chat(s) == (200, "stuck")  # it answers again: the row is over
+        assert handle.stalls == 0
+        stuck.faults.stall = True
+        await stall(s, 0.1, "1 stall")  # the base hold again
 
 
 # --- a flapping node -----------------------------------------------------------------------

@@ -284,6 +284,51 @@ async def test_report_failure_stops_routing_at_once_and_polls_soon(make: Make) -
     assert h.sup.pick("x", frozenset({"b"})) is a
 
 
+async def test_stalls_hold_a_node_out_through_good_polls_longer_each_time(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await make({"a": sim(m("x")), "b": sim(m("x"))}, poll={"interval_s": 0.05})
+    a, polls = h.handle("a"), h.nodes["a"].counters
+    stalled = "no first byte in 600 s"
+    with caplog.at_level(logging.INFO, logger="cortex"):
+        for stalls, hold in ((1, 0.05), (2, 0.1), (3, 0.2), (4, 0.4), (1, 0.05)):
+            if stalls == 1 and a.stalls:
+                h.sup.report_ok(a)  # a request got its first byte: the row is over
+                assert a.stalls == 0
+            h.sup.report_failure(a, stalled, poll_now=False)
+            held, polled = time.monotonic(), polls["/v1/models"]
+            in_a_row = "1 stall" if stalls == 1 else f"{stalls} stalls in a row"
+            assert h.sup.snapshot.nodes["a"].error == (
+                f"{stalled}; held out for {hold:g} s after {in_a_row}"
+            )
+            assert h.node_state("a") is DOWN and h.sup.pick("x") is h.handle("b")
+            # another request sent before the hold stalls too: the same episode
+            h.sup.report_failure(a, stalled, poll_now=False)
+            assert a.stalls == stalls
+            await wait_for(lambda: h.node_state("a") is UP)
+            assert hold <= time.monotonic() - held < hold + 1.0
+            if hold >= 0.2:  # it was polled, well, while held: not only by the poll ending it
+                assert polls["/v1/models"] - polled >= 2
+            assert h.sup.snapshot.nodes["a"].error == ""
+    holds = [r.getMessage() for r in caplog.records if "held out" in r.getMessage()]
+    assert holds == [
+        f"node a held out for {s} s after {k}: {stalled}"
+        for s, k in (
+            ("0.05", "1 stall"),
+            ("0.1", "2 stalls in a row"),
+            ("0.2", "3 stalls in a row"),
+            ("0.4", "4 stalls in a row"),
+            ("0.05", "1 stall"),
+        )
+    ]
+    assert "node a answered after 4 stalls in a row" in caplog.messages
+    # a connection failure is no stall: polled at once, back at once, the count untouched
+    h.sup.report_failure(a, "ClientConnectorError: refused")
+    assert h.node_state("a") is DOWN
+    await wait_for(lambda: h.node_state("a") is UP, within=1.0)
+    assert a.stalls == 1
+
+
 # --- loading ------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ import msgspec
 import orjson
 
 from cortex.errors import BadRequest
-from cortex.server import Request, Response, TooLarge
+from cortex.server import BadBody, Request, Response, TooLarge
 from cortex.supervisor import Supervisor
 
 # Bodies are a few bytes of JSON: this is only a bound.
@@ -88,6 +88,8 @@ async def _read(request: Request) -> _ModelRequest:
         raw = await request.read(_MAX_BODY)
     except TooLarge:
         raise BadRequest(f"an admin request body is at most {_MAX_BODY} bytes") from None
+    except BadBody as exc:
+        raise BadRequest(f"request body is not valid HTTP: {exc}") from None
     try:
         body = _decode_request(raw)
     except msgspec.DecodeError as exc:

@@ -638,8 +638,9 @@ class _Exchange:
             self.rec.error = self.rec.error or "client_disconnected"
 
     def _stream(self, node: str | None) -> Stream:
-        """This request's SSE answer (created once: keep-alives may have started it)."""
-        if self.response is None:
+        """This request's SSE answer: keep-alives may have started it already; one
+        not started yet is made anew (after a failover it names the new node)."""
+        if self.response is None or not self.response.prepared:
             headers = self._headers(node)
             headers["Cache-Control"] = "no-cache"
             self.response = Stream(self.request, 200, headers)

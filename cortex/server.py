@@ -62,6 +62,7 @@ _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStat
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CHUNKED = "Transfer-Encoding: chunked\r\n"
+_EMPTY_LINES = (b"\r\n", b"\n")
 
 
 class HeadTooLarge(HttpProcessingError):
@@ -93,7 +94,9 @@ class Request:
         self.headers: CIMultiDictProxy[str] = message.headers
         self.version: tuple[int, int] = message.version
         self.content = payload
-        self._expect = self.headers.get("Expect", "").lower() == "100-continue"
+        self._expect = (
+            self.version >= (1, 1) and self.headers.get("Expect", "").lower() == "100-continue"
+        )
 
     @property
     def remote(self) -> str:
@@ -269,7 +272,10 @@ class Server:
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         for conn in list(self.connections):
-            conn.force_close()
+            if conn.task is None or conn.task.done():
+                conn.close()  # what is written still goes out
+            else:
+                conn.force_close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -284,6 +290,7 @@ class Connection(BaseProtocol):
     """One client connection: parses its requests and answers them in order."""
 
     __slots__ = (
+        "_answering",
         "_failed",
         "_head_bytes",
         "_head_sent",
@@ -319,6 +326,7 @@ class Connection(BaseProtocol):
         self._head_sent = False  # the answer being written has sent its head
         self._head_bytes = 0  # received of a request head not yet whole
         self._payload: StreamReader | None = None  # the body the parser fills last
+        self._answering: StreamReader | None = None  # the body of the request being answered
         self.task: asyncio.Task[None] | None = None
         self.keep_alive = True
         self.peer = ""
@@ -336,15 +344,14 @@ class Connection(BaseProtocol):
         self._server.connections.discard(self)
         self.keep_alive = False
         self._queue.clear()
-        with contextlib.suppress(Exception):
-            self._http.feed_eof()  # a handler reading the body learns that it was cut
-        if self.task is not None:
+        if self.task is not None:  # also what wakes a handler waiting for the body
             self.task.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self._failed or self.transport is None:
             return
-        if data and not self._receiving:  # (b"" comes from resume_reading: parse what is held)
+        # (b"" comes from resume_reading; an empty line between requests is allowed)
+        if data and not self._receiving and data not in _EMPTY_LINES:
             self._receiving = self._loop.time()
         payload = self._payload
         in_head = payload is None or payload.is_eof()  # (else `data` starts with body bytes)
@@ -389,6 +396,7 @@ class Connection(BaseProtocol):
             self._refuse(item)
             return
         message, payload = item
+        self._answering = payload
         self.task = self._loop.create_task(self._answer(message, payload))
 
     def _received(self) -> None:
@@ -437,8 +445,8 @@ class Connection(BaseProtocol):
         self._idle_since = self._loop.time()
         if self._buffer_paused and len(self._queue) < _MAX_QUEUED // 2:
             self._resume_reading_for_buffer()
-            self.data_received(b"")  # requests the parser held back while paused
-        if self._queue:
+            self.data_received(b"")  # requests held back while paused (may start the next)
+        if self._queue and self.task is None:
             self._next()
 
     def _send_whole(self, answer: Response, *, head_only: bool) -> None:
@@ -499,6 +507,12 @@ class Connection(BaseProtocol):
         """Called by the server's sweep: enforce the receive and keep-alive limits."""
         server = self._server
         if self._receiving and now - self._receiving > server.receive_timeout:
+            answering = self._answering
+            if self.task is not None and answering is not None and answering.is_eof():
+                # The bytes waiting belong to a later (pipelined) request: it is
+                # read once this answer is out, and its clock starts over.
+                self._receiving = now
+                return
             log.info(
                 "closing a connection from %s: no whole request within %g s",
                 self.peer or "?",
@@ -511,11 +525,17 @@ class Connection(BaseProtocol):
             and not self._receiving
             and now - self._idle_since > server.keepalive_timeout
         ):
-            self.force_close()
+            self.close()
 
     def close_when_idle(self) -> None:
         self.keep_alive = False
-        if self.task is None and not self._queue and self.transport is not None:
+        if self.task is None and not self._queue:
+            self.close()
+
+    def close(self) -> None:
+        """Close once what is written has gone out."""
+        self.keep_alive = False
+        if self.transport is not None:
             self.transport.close()
 
     def force_close(self) -> None:

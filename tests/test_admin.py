@@ -158,6 +158,27 @@ async def test_bad_bodies_are_400(admin: Admin, body: Any) -> None:
     assert admin.sup.snapshot.nodes["a"].pinned == {"x"}
 
 
+async def test_a_body_with_broken_chunk_framing_is_400(admin: Admin) -> None:
+    url = admin.client._base_url
+    assert url is not None and url.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", url.port)
+    try:
+        writer.write(
+            b"POST /admin/models/pin HTTP/1.1\r\nHost: x\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mod\r\n'
+        )
+        await asyncio.sleep(0.05)  # the framing breaks after the handler began reading
+        writer.write(b"zz\r\n")
+        async with asyncio.timeout(5):
+            status_line = await reader.readline()
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 400 ")
+    assert b"not valid HTTP" in answer
+    assert admin.sup.snapshot.nodes["a"].pinned == {"x"}
+
+
 async def test_unknown_model_or_node_is_404(admin: Admin) -> None:
     status, body = await admin.post("load", {"model": "ghost"})
     assert status == 404 and body["error"]["code"] == "model_not_found"

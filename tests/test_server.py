@@ -19,7 +19,17 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 import pytest
 
-from cortex.server import SWEEP_S, Answer, BadBody, Request, Response, Server, Stream, TooLarge
+from cortex.server import (
+    SWEEP_S,
+    Answer,
+    BadBody,
+    Connection,
+    Request,
+    Response,
+    Server,
+    Stream,
+    TooLarge,
+)
 
 Route = Callable[[Request], Awaitable[Answer]]
 
@@ -770,3 +780,116 @@ async def test_shutdown_lets_answers_end_within_grace_and_cancels_the_rest(serve
         assert (await b.answer())[1] == b"done"
         await a.closed()
         assert not served.server.connections
+
+
+# --- found in review -------------------------------------------------------------------
+
+
+async def test_no_100_continue_to_an_http_1_0_client(serve: Serve) -> None:
+    served = await serve(ROUTES)
+    async with asyncio.timeout(5):
+        conn = await served.connect()
+        head = b"POST /echo HTTP/1.0\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        conn.send(head)
+        assert await conn.silent_for(0.2)  # HTTP/1.0 has no 1xx: the client just sends
+        conn.send(b"hello")
+        head_, body = await conn.answer()
+        assert head_.status == "HTTP/1.1 200 OK" and body == b"hello"
+
+
+async def test_requests_held_back_past_the_queue_limit_are_answered_one_at_a_time(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """33 pipelined requests pause reading; more arrive meanwhile (one with a body).
+    Resuming must not start a second answer while one runs: all come back in order."""
+    made = Connection.connection_made
+
+    def big_buffer(self: Connection, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # one read takes all
+        made(self, transport)
+
+    monkeypatch.setattr(Connection, "connection_made", big_buffer)
+    running: list[str] = []
+    overlap: list[str] = []
+
+    async def numbered(request: Request) -> Response:
+        if running:
+            overlap.append(request.path)
+        running.append(request.path)
+        body = await request.read(1 << 20)
+        await asyncio.sleep(0.2 if request.path == "/n/0" else 0.001)
+        running.remove(request.path)
+        return Response(200, request.path.encode() + b" %d" % len(body))
+
+    routes = {f"/n/{i}": numbered for i in (*range(33), *range(100, 120), *range(200, 205))}
+    served = await serve(routes)
+    async with asyncio.timeout(10):
+        conn = await served.connect()
+        conn.send(b"".join(get(f"/n/{i}") for i in range(33)))
+        await asyncio.sleep(0.1)  # the queue is full: reading is paused
+        later = [get(f"/n/{i}") for i in range(100, 120)]
+        later.append(post("/n/200", b"a" * 200_000))
+        later += [get(f"/n/{i}") for i in range(201, 205)]
+        conn.send(b"".join(later))
+        order = [*range(33), *range(100, 120), *range(200, 205)]
+        answers = [(await conn.answer())[1] for _ in order]
+    assert answers[:53] == [b"/n/%d 0" % i for i in order[:53]]
+    assert answers[53] == b"/n/200 200000"
+    assert answers[54:] == [b"/n/%d 0" % i for i in order[54:]]
+    assert overlap == []
+
+
+async def test_shutdown_lets_an_answer_already_written_go_out(serve: Serve) -> None:
+    size = 20_000_000
+
+    async def big(request: Request) -> Response:
+        return Response(200, b"x" * size, content_type="application/octet-stream")
+
+    served = await serve({"/big": big})
+    async with asyncio.timeout(10):
+        conn = await served.connect(rcvbuf=65536)
+        conn.send(get("/big"))
+        await asyncio.sleep(0.2)  # answered: most of it waits in the server's buffer
+        served.server.pre_shutdown()
+        await served.server.shutdown(0.5)
+        head, body = await conn.answer()
+    assert head.status == "HTTP/1.1 200 OK" and len(body) == size
+
+
+async def test_an_empty_line_after_a_request_does_not_cut_its_stream(serve: Serve) -> None:
+    served = await serve({"/slow": slow_stream}, receive_timeout=0.3)
+    async with asyncio.timeout(5):
+        conn = await served.connect()
+        conn.send(get("/slow"))
+        await asyncio.sleep(0.05)
+        conn.send(b"\r\n")  # allowed between requests (RFC 9112, 2.2): no request starts
+        _, body = await conn.answer()
+    assert body == b"".join(b"data: %d\n\n" % i for i in range(8))
+
+
+async def test_a_pipelined_request_s_clock_waits_for_the_answer_before_it(serve: Serve) -> None:
+    """Bytes of the next request arriving during a long answer do not cut that answer;
+    once it is out, the next request must be whole within the limit."""
+    served = await serve({**ROUTES, "/slow": slow_stream}, receive_timeout=0.3)
+    async with asyncio.timeout(5):
+        conn = await served.connect()
+        conn.send(get("/slow"))
+        await asyncio.sleep(0.05)
+        conn.send(b"GET /hello HTTP/1.1\r\n")  # the next request, begun and not finished
+        _, body = await conn.answer()
+        assert body == b"".join(b"data: %d\n\n" % i for i in range(8))
+        loop = asyncio.get_running_loop()
+        done = loop.time()
+        await conn.closed()  # the unfinished request now runs out of time
+        assert loop.time() - done <= 0.3 + SWEEP_S + 0.15
+
+
+async def slow_stream(request: Request) -> Stream:
+    """Eight frames over about 0.8 s: longer than the tests' receive_timeout."""
+    stream = Stream(request)
+    for i in range(8):
+        await stream.write(b"data: %d\n\n" % i)
+        await asyncio.sleep(0.1)
+    await stream.write_eof()
+    return stream

@@ -72,8 +72,6 @@ def choose_loaded(
     """The node to send a request for ``model_id`` to, among those where it is loaded.
 
     Fewest requests in flight wins; a tie goes to the node with the most free VRAM.
-    A node back from a hold-out for stalls is on probation: it gets one request
-    at a time (its first byte ends the probation) while another node can serve.
     """
     routes = snapshot.routes.get(model_id)
     if not routes:
@@ -84,7 +82,7 @@ def choose_loaded(
     best: NodeHandle | None = None
     best_free = 0
     for handle in routes:
-        if handle.name in exclude or (handle.stalls and handle.inflight):
+        if handle.name in exclude:
             continue
         if best is None or handle.inflight < best.inflight:
             best, best_free = handle, snapshot.nodes[handle.name].free_mb
@@ -241,20 +239,23 @@ def after_poll(
 def after_stall(
     state: NodeState,
     stalls: int,
-    held_until: float,
+    held_at: float,
+    sent: float,
     now: float,
     base_s: float,
     max_s: float = STALL_HOLD_MAX_S,
 ) -> tuple[int, float]:
     """A node's first-byte stalls in a row, and how long from ``now`` to hold it out
-    of routing, after a request to it got no first byte (0 s: the stall is not counted).
+    of routing, after a request to it sent at ``sent`` got no first byte (0 s: the
+    stall is not counted).
 
     ``base_s`` for the first stall, doubling with each one in a row, at most ``max_s``.
-    A stall while the node is held (``now < held_until``) is not counted: that
-    request was sent before the hold, so it is no new chance the node failed; nor
-    is one of a node in the hands of a restart.
+    A request sent before the latest hold began (``held_at``) is not counted: it is
+    no new chance the node had since (the first-byte timeout is usually far longer
+    than a hold, so such requests keep timing out after it); nor is one of a node
+    in the hands of a restart.
     """
-    if state not in _POLL_OWNED or now < held_until:
+    if state not in _POLL_OWNED or sent <= held_at:
         return stalls, 0.0
     stalls += 1
     # the exponent is bounded: a node may stall for days, and 2.0**1024 overflows
@@ -272,7 +273,8 @@ def _plan_on(
     strategy: Strategy,
 ) -> LoadPlan | Unplaceable:
     if not view.state.routable:
-        return Unplaceable(model_id, f"{view.name} is {view.state.value}", transient=True)
+        why = f" ({view.error})" if view.error else ""
+        return Unplaceable(model_id, f"{view.name} is {view.state.value}{why}", transient=True)
     state = view.models[model_id]
     if state is ModelState.UNLOADING:
         return Unplaceable(

@@ -67,8 +67,10 @@ class Router(Protocol):
     async def acquire(
         self, model_id: str, *, exclude: frozenset[str] = ...
     ) -> tuple[NodeHandle, float]: ...
-    def report_failure(self, node: NodeHandle, reason: str, *, poll_now: bool = ...) -> None: ...
-    def report_ok(self, node: NodeHandle) -> None: ...
+    def report_failure(
+        self, node: NodeHandle, reason: str, *, poll_now: bool = ..., sent: float = ...
+    ) -> None: ...
+    def report_ok(self, node: NodeHandle, sent: float) -> None: ...
 
 
 class Recorder(Protocol):
@@ -493,7 +495,7 @@ class _Exchange:
             upstream = await proxy.pool.request(node, path, body, self.rec.request_id)
             self.rec.first_byte = time.monotonic()
             if node.stalls:  # it answers again: its stalls in a row are over
-                proxy.router.report_ok(node)
+                proxy.router.report_ok(node, self.rec.upstream_sent)
             self.watch.advance(proxy.idle_s, "idle")
             return await self._relay(node, upstream, tr)
         except _UPSTREAM_ERRORS as exc:
@@ -504,7 +506,8 @@ class _Exchange:
             if self.watch.fired and _uncancel():
                 if self.watch.stage == "first byte":  # its polls may be fine: held out a while
                     reason = f"no first byte in {self.watch.limit:g} s"
-                    proxy.router.report_failure(node, reason, poll_now=False)
+                    sent = self.rec.upstream_sent
+                    proxy.router.report_failure(node, reason, poll_now=False, sent=sent)
                 raise errors.GatewayTimeout(
                     f"node {node.name} sent nothing for {self.watch.limit:g} s "
                     f"(waiting for the {self.watch.stage})"

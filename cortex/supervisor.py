@@ -79,6 +79,7 @@ class _Node:
     warned_no_agent: bool = False
     gpu: tuple[int, int] | None = None
     held_until: float = 0.0  # time.monotonic(): out of routing for stalls until then
+    held_at: float = 0.0  # when the latest hold began
     hold_reason: str = ""  # shown as its error while held, whatever the polls say
 
     @property
@@ -203,21 +204,25 @@ class Supervisor:
             self.events.queued(model_id, -1)
         return handle, time.monotonic() - started
 
-    def report_failure(self, node: NodeHandle, reason: str, *, poll_now: bool = True) -> None:
+    def report_failure(
+        self, node: NodeHandle, reason: str, *, poll_now: bool = True, sent: float = 0.0
+    ) -> None:
         """A request to ``node`` failed before its first byte: stop routing there now.
 
         ``poll_now`` (the connection failed): the node is marked down at once and
         polled right away; one good poll brings it back. Not ``poll_now`` (a
-        first-byte timeout: the node answers polls but not requests): it is held
-        out, down whatever its polls say, for ``poll.interval_s`` doubled with each
-        stall in a row (at most :data:`~cortex.placement.STALL_HOLD_MAX_S`); the
-        first good poll after that brings it back. :meth:`report_ok` ends the row.
+        first-byte timeout of the request sent at ``sent``: the node answers polls
+        but not requests): it is held out, down whatever its polls say, for
+        ``poll.interval_s`` doubled with each stall in a row (at most
+        :data:`~cortex.placement.STALL_HOLD_MAX_S`); the first good poll after that
+        brings it back. Requests sent before the latest hold do not count.
+        :meth:`report_ok` ends the row.
         """
         rec = self._nodes.get(node.name)
         if rec is None or rec.handle is not node:
             return
         if not poll_now:
-            self._stalled(rec, reason)
+            self._stalled(rec, reason, sent)
             return
         if rec.state in (NodeState.UP, NodeState.UNKNOWN):
             log.warning("node %s is down: %s", rec.name, reason)
@@ -227,24 +232,28 @@ class Supervisor:
             self._publish()
         self._poll_soon(rec.name)
 
-    def report_ok(self, node: NodeHandle) -> None:
-        """A request to ``node`` got its first byte: its stalls in a row are over.
+    def report_ok(self, node: NodeHandle, sent: float) -> None:
+        """A request to ``node`` sent at ``sent`` got its first byte: its stalls in a
+        row are over, if it was sent since the latest hold began.
 
         The request path calls this only when ``node.stalls`` is not 0. A hold
-        under way runs out: that request may have been sent before it.
+        under way runs out.
         """
-        if node.stalls:
-            log.info("node %s answered after %s", node.name, _in_a_row(node.stalls))
-            node.stalls = 0
+        rec = self._nodes.get(node.name)
+        if rec is None or rec.handle is not node or sent <= rec.held_at or not node.stalls:
+            return
+        log.info("node %s answered after %s", node.name, _in_a_row(node.stalls))
+        node.stalls = 0
 
-    def _stalled(self, rec: _Node, reason: str) -> None:
+    def _stalled(self, rec: _Node, reason: str, sent: float) -> None:
         now = time.monotonic()
         stalls, hold_s = placement.after_stall(
-            rec.state, rec.handle.stalls, rec.held_until, now, self.cfg.poll.interval_s
+            rec.state, rec.handle.stalls, rec.held_at, sent, now, self.cfg.poll.interval_s
         )
         if not hold_s:
             return
         rec.handle.stalls = stalls
+        rec.held_at = now
         rec.held_until = now + hold_s
         rec.hold_reason = f"{reason}; held out for {hold_s:g} s after {_in_a_row(stalls)}"
         log.warning(

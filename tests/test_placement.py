@@ -105,19 +105,6 @@ def test_excluded_nodes_are_not_chosen() -> None:
     assert choose_loaded(fleet(a), "small", frozenset({"a"})) is None
 
 
-def test_a_node_on_probation_after_stalls_gets_one_request_at_a_time() -> None:
-    a = node("a", {"small": L})
-    b = node("b", {"small": L}, busy={"small": 3})
-    snap = fleet(a, b)
-    a.handle.stalls = 2  # back from a hold-out, no first byte from it since
-    assert choose_loaded(snap, "small") is a.handle  # the probe
-    begin(a.handle, "small")
-    assert choose_loaded(snap, "small") is b.handle  # the probe is under way
-    assert choose_loaded(fleet(a), "small") is a.handle  # no other node: it serves
-    a.handle.stalls = 0  # the probe got its first byte
-    assert choose_loaded(snap, "small") is a.handle
-
-
 def test_down_nodes_and_unloading_models_get_no_requests() -> None:
     a = node("a", {"small": L}, state=NodeState.DOWN)
     b = node("b", {"small": ModelState.UNLOADING})
@@ -361,33 +348,38 @@ def test_down_after_n_failures_up_after_one_success() -> None:
 
 
 def test_a_stall_holds_the_node_out_doubling_with_each_in_a_row_up_to_the_cap() -> None:
-    stalls, held_until, now = 0, 0.0, 100.0
+    stalls, held_at, sent = 0, 0.0, 100.0
     holds = []
     for _ in range(9):
-        stalls, hold = after_stall(UP, stalls, held_until, now, 5.0)
+        now = sent + 600  # no first byte for the request sent at `sent`
+        stalls, hold = after_stall(UP, stalls, held_at, sent, now, 5.0)
         holds.append(hold)
-        held_until = now + hold
-        now = held_until + 1.0  # back after the hold, stalls again
+        held_at = now
+        sent = now + hold + 1.0  # the next request, once the node is back
     assert holds == [5, 10, 20, 40, 80, 160, 300, 300, 300]
     assert stalls == 9
     assert STALL_HOLD_MAX_S == 300
-    assert after_stall(UP, 0, 0.0, now, 1.0, max_s=3.0) == (1, 1.0)
-    assert after_stall(UP, 2, 0.0, now, 1.0, max_s=3.0) == (3, 3.0)
+    assert after_stall(UP, 0, 0.0, 5.0, 10.0, 1.0, max_s=3.0) == (1, 1.0)
+    assert after_stall(UP, 2, 0.0, 5.0, 10.0, 1.0, max_s=3.0) == (3, 3.0)
 
 
-def test_a_stall_while_held_or_restarting_is_not_counted() -> None:
-    # requests sent before the hold time out during it: one episode, not several
-    assert after_stall(DOWN, 3, 50.0, 49.9, 5.0) == (3, 0.0)
-    assert after_stall(DOWN, 3, 50.0, 50.0, 5.0) == (4, 40.0)
+def test_a_stall_of_a_request_sent_before_the_latest_hold_is_not_counted() -> None:
+    # held at 50 s: requests sent before keep timing out, during the hold and after it
+    for now in (50.1, 56.0, 650.0):
+        assert after_stall(DOWN, 3, 50.0, 49.9, now, 5.0) == (3, 0.0)
+        assert after_stall(UP, 3, 50.0, 50.0, now, 5.0) == (3, 0.0)
+    # one sent after it (the node came back) is a new stall
+    assert after_stall(UP, 3, 50.0, 90.0, 690.0, 5.0) == (4, 40.0)
     # a node down for failed polls may stall too (a request sent before it went down)
-    assert after_stall(DOWN, 0, 0.0, 10.0, 5.0) == (1, 5.0)
-    assert after_stall(UNKNOWN, 0, 0.0, 10.0, 5.0) == (1, 5.0)
+    assert after_stall(DOWN, 0, 0.0, 10.0, 20.0, 5.0) == (1, 5.0)
+    assert after_stall(UNKNOWN, 0, 0.0, 10.0, 20.0, 5.0) == (1, 5.0)
+    # a restart in progress owns the node
     for state in (NodeState.DRAINING, NodeState.RESTARTING):
-        assert after_stall(state, 2, 0.0, 10.0, 5.0) == (2, 0.0)
+        assert after_stall(state, 2, 0.0, 10.0, 20.0, 5.0) == (2, 0.0)
 
 
 def test_a_node_that_stalls_for_days_stays_at_the_cap() -> None:
-    assert after_stall(UP, 5000, 0.0, 1e6, 5.0) == (5001, STALL_HOLD_MAX_S)
+    assert after_stall(UP, 5000, 0.0, 1e6, 2e6, 5.0) == (5001, STALL_HOLD_MAX_S)
 
 
 def test_a_held_node_stays_down_through_good_polls() -> None:

@@ -290,12 +290,16 @@ async def test_stalls_hold_a_node_out_through_good_polls_longer_each_time(
     h = await make({"a": sim(m("x")), "b": sim(m("x"))}, poll={"interval_s": 0.05})
     a, polls = h.handle("a"), h.nodes["a"].counters
     stalled = "no first byte in 600 s"
+    held = 0.0
     with caplog.at_level(logging.INFO, logger="cortex"):
         for stalls, hold in ((1, 0.05), (2, 0.1), (3, 0.2), (4, 0.4), (1, 0.05)):
             if stalls == 1 and a.stalls:
-                h.sup.report_ok(a)  # a request got its first byte: the row is over
+                h.sup.report_ok(a, held - 0.01)  # sent before the last hold: no news
+                assert a.stalls == 4
+                h.sup.report_ok(a, time.monotonic())  # a first byte: the row is over
                 assert a.stalls == 0
-            h.sup.report_failure(a, stalled, poll_now=False)
+            sent = time.monotonic()  # a request sent now (the node is up), never answered
+            h.sup.report_failure(a, stalled, poll_now=False, sent=sent)
             held, polled = time.monotonic(), polls["/v1/models"]
             in_a_row = "1 stall" if stalls == 1 else f"{stalls} stalls in a row"
             assert h.sup.snapshot.nodes["a"].error == (
@@ -303,9 +307,12 @@ async def test_stalls_hold_a_node_out_through_good_polls_longer_each_time(
             )
             assert h.node_state("a") is DOWN and h.sup.pick("x") is h.handle("b")
             # another request sent before the hold stalls too: the same episode
-            h.sup.report_failure(a, stalled, poll_now=False)
+            h.sup.report_failure(a, stalled, poll_now=False, sent=sent)
             assert a.stalls == stalls
             await wait_for(lambda: h.node_state("a") is UP)
+            # ... and after it: still no new stall (the timeout is longer than a hold)
+            h.sup.report_failure(a, stalled, poll_now=False, sent=sent)
+            assert a.stalls == stalls and h.node_state("a") is UP
             assert hold <= time.monotonic() - held < hold + 1.0
             if hold >= 0.2:  # it was polled, well, while held: not only by the poll ending it
                 assert polls["/v1/models"] - polled >= 2

@@ -10,7 +10,8 @@ The one thing the request path writes is its own accounting on
 :func:`begin` and :func:`end`. Those are plain ints and floats touched from the
 one event loop, so no lock is needed. ``NodeHandle.stalls`` is the supervisor's
 (set when a node is held out for stalls): the request path only reads it, and
-reports a first byte to the supervisor only from a node where it is not 0.
+reports a first byte to the supervisor only from a node where it is not 0; it
+counts its requests to such a node in ``NodeHandle.probes``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class NodeHandle:
     # `anthropic = "auto"` nodes: does it serve /v1/messages? None until a request finds out.
     messages_native: bool | None = None
     stalls: int = 0  # first-byte stalls in a row; written by the supervisor only
+    probes: int = 0  # requests in flight sent while `stalls` was not 0 (request path)
 
     @classmethod
     def from_config(cls, node: Node) -> NodeHandle:

@@ -72,6 +72,8 @@ def choose_loaded(
     """The node to send a request for ``model_id`` to, among those where it is loaded.
 
     Fewest requests in flight wins; a tie goes to the node with the most free VRAM.
+    A node back from a hold-out for stalls gets one request at a time (a probe)
+    while it has stalls in a row, unless no other node can take the request.
     """
     routes = snapshot.routes.get(model_id)
     if not routes:
@@ -81,8 +83,12 @@ def choose_loaded(
         return None if only.name in exclude else only
     best: NodeHandle | None = None
     best_free = 0
+    probing: NodeHandle | None = None
     for handle in routes:
         if handle.name in exclude:
+            continue
+        if handle.stalls and handle.probes:  # its probe is under way
+            probing = probing or handle
             continue
         if best is None or handle.inflight < best.inflight:
             best, best_free = handle, snapshot.nodes[handle.name].free_mb
@@ -90,7 +96,7 @@ def choose_loaded(
             free = snapshot.nodes[handle.name].free_mb
             if free > best_free:
                 best, best_free = handle, free
-    return best
+    return best if best is not None else probing
 
 
 def plan_load(

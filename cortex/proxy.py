@@ -488,6 +488,9 @@ class _Exchange:
         proxy = self.proxy
         self.rec.node = node.name
         fleet.begin(node, self.rec.model)
+        probe = node.stalls > 0  # back from a hold-out: this request tries it
+        if probe:
+            node.probes += 1
         self.watch = proxy.watchdog.watch(proxy.first_byte_s, "first byte")
         upstream: Reply | None = None
         try:
@@ -515,6 +518,8 @@ class _Exchange:
             raise
         finally:
             proxy.watchdog.release(self.watch)
+            if probe:
+                node.probes -= 1
             fleet.end(node, self.rec.model)
             if upstream is not None:
                 upstream.finish()

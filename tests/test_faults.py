@@ -231,6 +231,35 @@ async def test_a_node_that_keeps_stalling_is_held_out_longer_each_time(
         await stall(s, 0.1, "1 stall")  # the base hold again
 
 
+async def test_a_node_back_from_a_stall_hold_gets_one_request_at_a_time(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet(
+        {
+            "stuck": SimConfig(models=[SimModel("m1")], instant=True, vram_mb=32768),
+            "b": SimConfig(models=[SimModel("m1")], instant=True),
+        },
+        gateway={"first_byte_timeout_s": 0.3},
+        poll={"interval_s": 0.1},
+    )
+    fleet.gateway.watchdog.period = 0.05
+    fleet.nodes["stuck"].faults.stall = True
+
+    async def chat(s: aiohttp.ClientSession) -> tuple[int, str]:
+        body = orjson.dumps(CHAT)
+        async with s.post(fleet.url + "/v1/chat/completions", data=body, headers=JSON) as r:
+            await r.read()
+            return r.status, r.headers.get("x-cortex-node", "")
+
+    async with aiohttp.ClientSession() as s:
+        assert await chat(s) == (504, "stuck")  # held out for 0.1 s
+        await fleet.wait_for(lambda: routable(fleet, "stuck"))
+        # back: it wins every tie, but only one request (the probe) goes to it
+        answers = await asyncio.gather(*(chat(s) for _ in range(6)))
+    assert sorted(answers) == [(200, "b")] * 5 + [(504, "stuck")]
+    assert fleet.gateway.supervisor.snapshot.nodes["stuck"].handle.stalls == 2
+
+
 # --- a flapping node -----------------------------------------------------------------------
 
 

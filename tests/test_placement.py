@@ -105,6 +105,23 @@ def test_excluded_nodes_are_not_chosen() -> None:
     assert choose_loaded(fleet(a), "small", frozenset({"a"})) is None
 
 
+def test_a_node_back_from_a_stall_hold_gets_one_probe_at_a_time() -> None:
+    a = node("a", {"small": L})
+    b = node("b", {"small": L}, busy={"small": 3})
+    snap = fleet(a, b)
+    a.handle.stalls = 2  # back from a hold-out
+    assert choose_loaded(snap, "small") is a.handle  # the probe
+    a.handle.probes = 1
+    begin(a.handle, "small")
+    assert choose_loaded(snap, "small") is b.handle  # while the probe is under way
+    # no other node can take it: the node on probation serves (nothing waits in vain)
+    assert choose_loaded(snap, "small", frozenset({"b"})) is a.handle
+    b.handle.stalls, b.handle.probes = 1, 1
+    assert choose_loaded(snap, "small") is a.handle
+    a.handle.stalls = 0  # the probe got its first byte; its stream may still run
+    assert choose_loaded(snap, "small") is a.handle
+
+
 def test_down_nodes_and_unloading_models_get_no_requests() -> None:
     a = node("a", {"small": L}, state=NodeState.DOWN)
     b = node("b", {"small": ModelState.UNLOADING})

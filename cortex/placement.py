@@ -88,7 +88,8 @@ def choose_loaded(
         if handle.name in exclude:
             continue
         if handle.stalls and handle.probes:  # its probe is under way
-            probing = probing or handle
+            if probing is None or handle.inflight < probing.inflight:
+                probing = handle
             continue
         if best is None or handle.inflight < best.inflight:
             best, best_free = handle, snapshot.nodes[handle.name].free_mb

@@ -497,6 +497,9 @@ class _Exchange:
             self.rec.upstream_sent = time.monotonic()
             upstream = await proxy.pool.request(node, path, body, self.rec.request_id)
             self.rec.first_byte = time.monotonic()
+            if probe:  # answered: a probe no more, however long its stream runs
+                node.probes -= 1
+                probe = False
             if node.stalls:  # it answers again: its stalls in a row are over
                 proxy.router.report_ok(node, self.rec.upstream_sent)
             self.watch.advance(proxy.idle_s, "idle")

@@ -117,7 +117,10 @@ def test_a_node_back_from_a_stall_hold_gets_one_probe_at_a_time() -> None:
     # no other node can take it: the node on probation serves (nothing waits in vain)
     assert choose_loaded(snap, "small", frozenset({"b"})) is a.handle
     b.handle.stalls, b.handle.probes = 1, 1
-    assert choose_loaded(snap, "small") is a.handle
+    assert choose_loaded(snap, "small") is a.handle  # both probing: the less busy one
+    for _ in range(4):
+        begin(a.handle, "small")
+    assert choose_loaded(snap, "small") is b.handle  # (5 in flight on a, 3 on b)
     a.handle.stalls = 0  # the probe got its first byte; its stream may still run
     assert choose_loaded(snap, "small") is a.handle
 

@@ -30,6 +30,16 @@ CORTEX_OWNED = frozenset({ModelState.LOADING, ModelState.UNLOADING})
 
 
 @dataclass(frozen=True, slots=True)
+class Policy:
+    """What placement takes from the config: ``[[models]]`` sizes in MB and eviction
+    priorities (models left out: 0), and ``eviction.strategy``."""
+
+    sizes: Mapping[str, int]
+    priorities: Mapping[str, int]
+    strategy: Strategy
+
+
+@dataclass(frozen=True, slots=True)
 class Eviction:
     """One model to unload from the plan's node, in order."""
 
@@ -101,13 +111,7 @@ def choose_loaded(
 
 
 def plan_load(
-    snapshot: Snapshot,
-    model_id: str,
-    *,
-    sizes: Mapping[str, int],
-    priorities: Mapping[str, int],
-    strategy: Strategy,
-    exclude: frozenset[str] = NO_NODES,
+    snapshot: Snapshot, model_id: str, policy: Policy, *, exclude: frozenset[str] = NO_NODES
 ) -> LoadPlan | Unplaceable:
     """Where to load ``model_id``, which is not loaded on any usable node.
 
@@ -121,12 +125,12 @@ def plan_load(
     for view in snapshot.nodes.values():
         if model_id not in view.models or view.name in exclude:
             continue
-        found = _plan_on(view, model_id, sizes, priorities, strategy)
+        found = _plan_on(view, model_id, policy)
         if isinstance(found, Unplaceable):
             problems.append(found.reason)
             transient = transient or found.transient
             continue
-        cost = _cost(view, found, sizes)
+        cost = _cost(view, found, policy.sizes)
         if best is None or cost < best[0]:
             best = (cost, found)
     if best is not None:
@@ -137,13 +141,7 @@ def plan_load(
 
 
 def plan_room(
-    view: NodeView,
-    model_id: str,
-    *,
-    sizes: Mapping[str, int],
-    priorities: Mapping[str, int],
-    strategy: Strategy,
-    spare: Iterable[str] = (),
+    view: NodeView, model_id: str, policy: Policy, *, spare: Iterable[str] = ()
 ) -> tuple[Eviction, ...] | Unplaceable:
     """What to evict from ``view``'s node so that ``model_id`` fits there.
 
@@ -153,6 +151,7 @@ def plan_room(
     order until the model fits, then puts back any the last one made
     unnecessary, so no more models are evicted than needed.
     """
+    sizes = policy.sizes
     size = sizes.get(model_id, 0)
     if not size or not view.vram_mb:
         return ()
@@ -162,7 +161,7 @@ def plan_room(
         return ()
     chosen: list[Eviction] = []
     freed = 0
-    for ev in _candidates(view, model_id, priorities, strategy, spare, sizes):
+    for ev in _candidates(view, model_id, policy, spare):
         if ev.size_mb:
             chosen.append(ev)
             freed += ev.size_mb
@@ -178,20 +177,14 @@ def plan_room(
 
 
 def next_eviction(
-    view: NodeView,
-    model_id: str,
-    *,
-    sizes: Mapping[str, int],
-    priorities: Mapping[str, int],
-    strategy: Strategy,
-    spare: Iterable[str] = (),
+    view: NodeView, model_id: str, policy: Policy, *, spare: Iterable[str] = ()
 ) -> Eviction | None:
     """The next model to evict after loading ``model_id`` ran out of memory anyway.
 
     Sizes are not trusted here (the node just proved them wrong), so models of
     unknown size count too. ``None`` when nothing is left to evict.
     """
-    found = _candidates(view, model_id, priorities, strategy, spare, sizes)
+    found = _candidates(view, model_id, policy, spare)
     return found[0] if found else None
 
 
@@ -272,13 +265,7 @@ def after_stall(
 _POLL_OWNED = frozenset({NodeState.UNKNOWN, NodeState.UP, NodeState.DOWN})
 
 
-def _plan_on(
-    view: NodeView,
-    model_id: str,
-    sizes: Mapping[str, int],
-    priorities: Mapping[str, int],
-    strategy: Strategy,
-) -> LoadPlan | Unplaceable:
+def _plan_on(view: NodeView, model_id: str, policy: Policy) -> LoadPlan | Unplaceable:
     if not view.state.routable:
         why = f" ({view.error})" if view.error else ""
         return Unplaceable(model_id, f"{view.name} is {view.state.value}{why}", transient=True)
@@ -289,7 +276,7 @@ def _plan_on(
         )
     if state is not ModelState.UNLOADED:  # loading, reloading or (just) loaded: wait for it
         return LoadPlan(view.name, model_id, (), reload=False)
-    room = plan_room(view, model_id, sizes=sizes, priorities=priorities, strategy=strategy)
+    room = plan_room(view, model_id, policy)
     if isinstance(room, Unplaceable):
         return room
     return LoadPlan(view.name, model_id, room, reload=True)
@@ -311,12 +298,7 @@ def _resident_mb(view: NodeView, model_id: str, sizes: Mapping[str, int]) -> int
 
 
 def _candidates(
-    view: NodeView,
-    model_id: str,
-    priorities: Mapping[str, int],
-    strategy: Strategy,
-    spare: Iterable[str],
-    sizes: Mapping[str, int],
+    view: NodeView, model_id: str, policy: Policy, spare: Iterable[str]
 ) -> list[Eviction]:
     """Evictable models of ``view``'s node, the first to go first.
 
@@ -324,6 +306,7 @@ def _candidates(
     the most recent; never-used models are the oldest.
     """
     spared = set(spare)
+    sizes, priorities, strategy = policy.sizes, policy.priorities, policy.strategy
     inflight = view.handle.model_inflight
     last_used = view.handle.last_used
 

@@ -108,7 +108,7 @@ class Supervisor:
         self.events: FleetEvents = events if events is not None else NoEvents()
         self.snapshot: Snapshot = EMPTY
         self._nodes = {n.name: _Node(NodeHandle.from_config(n)) for n in cfg.nodes}
-        self._sizes, self._priorities = _model_facts(cfg)
+        self._policy = _policy(cfg)
         self._loads: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._restarts: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -164,7 +164,7 @@ class Supervisor:
                 self._cancel_node_tasks(name)
         self.cfg = cfg
         self._nodes = nodes
-        self._sizes, self._priorities = _model_facts(cfg)
+        self._policy = _policy(cfg)
         self._publish(force=True)
         self._wake.set()
 
@@ -313,9 +313,7 @@ class Supervisor:
         found = placement.plan_load(
             self.snapshot,
             model_id,
-            sizes=self._sizes,
-            priorities=self._priorities,
-            strategy=self.cfg.eviction.strategy,
+            self._policy,
             exclude=exclude,
         )
         if isinstance(found, Unplaceable):
@@ -396,9 +394,7 @@ class Supervisor:
         room = placement.plan_room(
             self._view(rec),
             model,
-            sizes=self._sizes,
-            priorities=self._priorities,
-            strategy=self.cfg.eviction.strategy,
+            self._policy,
             spare=spare,
         )
         if isinstance(room, Unplaceable):
@@ -415,9 +411,7 @@ class Supervisor:
         ev = placement.next_eviction(
             self._view(rec),
             model,
-            sizes=self._sizes,
-            priorities=self._priorities,
-            strategy=self.cfg.eviction.strategy,
+            self._policy,
             spare=spare,
         )
         if ev is None:
@@ -641,7 +635,7 @@ class Supervisor:
     # --- publishing ---------------------------------------------------------------
 
     def _view(self, rec: _Node) -> NodeView:
-        sizes = self._sizes
+        sizes = self._policy.sizes
         return NodeView(
             handle=rec.handle,
             state=rec.state,
@@ -845,7 +839,7 @@ class Supervisor:
         snap = self.snapshot
         return {
             "version": snap.version,
-            "nodes": [_node_info(view, self._sizes, now) for view in snap.nodes.values()],
+            "nodes": [_node_info(view, self._policy.sizes, now) for view in snap.nodes.values()],
             "loading": [{"node": node, "model": model} for node, model in self._loads],
         }
 
@@ -889,10 +883,10 @@ def _node_info(view: NodeView, sizes: Mapping[str, int], now: float) -> dict[str
     }
 
 
-def _model_facts(cfg: Config) -> tuple[dict[str, int], dict[str, int]]:
+def _policy(cfg: Config) -> placement.Policy:
     sizes = {m.id: m.vram_mb for m in cfg.models if m.vram_mb}
     priorities = {m.id: m.priority for m in cfg.models if m.priority}
-    return sizes, priorities
+    return placement.Policy(sizes, priorities, cfg.eviction.strategy)
 
 
 async def _join(task: asyncio.Task[None]) -> None:

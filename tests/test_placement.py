@@ -20,6 +20,7 @@ from cortex.placement import (
     STALL_HOLD_MAX_S,
     Eviction,
     LoadPlan,
+    Policy,
     Strategy,
     Unplaceable,
     after_poll,
@@ -35,6 +36,7 @@ from cortex.placement import (
 L, U, R = ModelState.LOADED, ModelState.UNLOADED, ModelState.RELOADING
 UP, DOWN, UNKNOWN = NodeState.UP, NodeState.DOWN, NodeState.UNKNOWN
 SIZES = {"big": 20000, "mid": 10000, "small": 4000, "tiny": 2000, "new": 8000}
+LRU = Policy(SIZES, {}, "lru")
 
 
 def node(
@@ -69,9 +71,7 @@ def plan(
     strategy: Strategy = "lru",
     exclude: frozenset[str] = frozenset(),
 ) -> LoadPlan | Unplaceable:
-    return plan_load(
-        snap, model, sizes=SIZES, priorities=priorities or {}, strategy=strategy, exclude=exclude
-    )
+    return plan_load(snap, model, Policy(SIZES, priorities or {}, strategy), exclude=exclude)
 
 
 # --- choose_loaded -----------------------------------------------------------
@@ -299,10 +299,10 @@ def test_unloading_target_is_a_transient_reason() -> None:
 def test_plan_room_spares_models_that_would_not_drain() -> None:
     a = node("a", {"new": L, "small": L, "mid": L}, vram=16000, used={"small": 1, "mid": 2})
     # the model being loaded is resident, but does not count against itself
-    room = plan_room(a, "new", sizes=SIZES, priorities={}, strategy="lru")
+    room = plan_room(a, "new", LRU)
     assert isinstance(room, tuple)
     assert [e.model for e in room] == ["mid"]
-    spared = plan_room(a, "new", sizes=SIZES, priorities={}, strategy="lru", spare={"mid"})
+    spared = plan_room(a, "new", LRU, spare={"mid"})
     assert isinstance(spared, Unplaceable)
 
 
@@ -310,7 +310,7 @@ def test_next_eviction_ignores_sizes() -> None:
     a = node("a", {"new": U, "x": L, "y": L, "small": L}, used={"x": 5, "y": 1, "small": 9})
 
     def nxt(*spare: str) -> Eviction | None:
-        return next_eviction(a, "new", sizes=SIZES, priorities={}, strategy="lru", spare=spare)
+        return next_eviction(a, "new", LRU, spare=spare)
 
     assert nxt() == Eviction("y", "lru", drain=False, size_mb=0)
     assert nxt("y", "x") == Eviction("small", "lru", drain=False, size_mb=4000)

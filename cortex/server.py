@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
 
-from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import (
     BadHttpMethod,
     BadStatusLine,
@@ -43,6 +42,8 @@ from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
+
+from cortex.flow import ResumeWhenPaused
 
 log = logging.getLogger("cortex.http")
 
@@ -81,7 +82,7 @@ class BadBody(Exception):
 class Request:
     """What a handler sees of one request."""
 
-    __slots__ = ("_conn", "_expect", "content", "headers", "method", "path", "target", "version")
+    __slots__ = ("_conn", "_continued", "content", "headers", "method", "path", "target", "version")
 
     def __init__(self, conn: Connection, message: RawRequestMessage, payload: StreamReader) -> None:
         self._conn = conn
@@ -94,9 +95,7 @@ class Request:
         self.headers: CIMultiDictProxy[str] = message.headers
         self.version: tuple[int, int] = message.version
         self.content = payload
-        self._expect = (
-            self.version >= (1, 1) and self.headers.get("Expect", "").lower() == "100-continue"
-        )
+        self._continued = False  # "100 Continue" sent
 
     @property
     def remote(self) -> str:
@@ -118,8 +117,8 @@ class Request:
             if payload.is_eof():
                 body = payload.read_nowait()
             else:
-                if self._expect:
-                    self._expect = False
+                if self._expects_continue():
+                    self._continued = True
                     self._conn.send(_CONTINUE)
                 body = await _read_all(payload, limit)
         except RequestPayloadError as exc:
@@ -127,6 +126,12 @@ class Request:
         if len(body) > limit:
             raise TooLarge(len(body))
         return body
+
+    def _expects_continue(self) -> bool:
+        """The client waits for "100 Continue" before it sends the body (HTTP/1.1 only)."""
+        if self._continued or self.version < (1, 1):
+            return False
+        return self.headers.get("Expect", "").lower() == "100-continue"
 
 
 async def _read_all(payload: StreamReader, limit: int) -> bytes:
@@ -191,10 +196,7 @@ class Stream:
     async def write(self, data: bytes) -> None:
         if not data:  # an empty chunk would end a chunked body
             return
-        if self.prepared and self._chunked:  # the per-token case: one format, one write
-            self._conn.send(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self._send(data, b"")
+        self._send(data, b"")
         if self._conn.writing_paused:
             await self._conn.drain()
 
@@ -286,7 +288,7 @@ class Server:
 _Queued = tuple[RawRequestMessage, StreamReader] | HttpProcessingError
 
 
-class Connection(BaseProtocol):
+class Connection(ResumeWhenPaused):
     """One client connection: parses its requests and answers them in order."""
 
     __slots__ = (
@@ -381,12 +383,6 @@ class Connection(BaseProtocol):
                 self._pause_reading_for_buffer()
         if self.task is None:
             self._next()
-
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        # aiohttp's StreamReader calls this after every read, paused or not; resuming
-        # re-enters data_received(b"") and the transport: only when there is a pause.
-        if self._reading_paused:
-            super().resume_reading(resume_parser)
 
     # --- answering ----------------------------------------------------------------
 

@@ -26,18 +26,15 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
 from cortex.fleet import NodeHandle
+from cortex.flow import ResumeWhenPaused
 
 _READ_BUFSIZE = 1 << 16
 _MAX_IDLE = 512
 _MAX_CONNECTING = 128
 
 
-class _NodeConnection(ResponseHandler):
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        # aiohttp's StreamReader calls this after every read, paused or not; resuming
-        # re-enters data_received(b"") and the transport: only when there is a pause.
-        if self._reading_paused:
-            super().resume_reading(resume_parser)
+class _NodeConnection(ResumeWhenPaused, ResponseHandler):
+    pass
 
 
 class ConnectFailed(ConnectionError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -111,3 +112,18 @@ def _fill_urls(node: dict[str, Any], nodes: dict[str, SimNode]) -> dict[str, Any
     if endpoint.startswith("{url:"):
         node = {**node, "endpoint": nodes[endpoint[5:-1]].url}
     return node
+
+
+# --- what this process holds (leak checks) ------------------------------------------
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

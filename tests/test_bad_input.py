@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from cortex.sim import SimConfig, SimModel
-from tests.conftest import Fleet, FleetFactory
+from tests.conftest import Fleet, FleetFactory, rss_mb
 from tests.subproc import Cortex
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -28,14 +28,6 @@ JSON = "application/json"
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 async def post(

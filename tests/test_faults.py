@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import signal
 import time
 import tracemalloc
@@ -17,7 +16,7 @@ import orjson
 import pytest
 
 from cortex.sim import SimConfig, SimModel
-from tests.conftest import Fleet, FleetFactory
+from tests.conftest import Fleet, FleetFactory, open_fds, rss_mb
 from tests.subproc import Cortex
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -41,18 +40,6 @@ async def sim_process() -> AsyncIterator[Callable[..., Awaitable[tuple[Cortex, s
     yield spawn
     for proc in started:
         await proc.close()
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def frames(raw: bytes) -> list[bytes]:

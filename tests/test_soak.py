@@ -9,32 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import time
 
 import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import FleetFactory
+from tests.conftest import FleetFactory, open_fds, rss_mb
 from tests.subproc import Cortex
 
 REQUESTS = 50_000
 WARM_UP = 5_000
 CONCURRENCY = 256
 BODY = orjson.dumps({"model": "m1", "messages": [{"role": "user", "content": "hi"}]})
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def run(s: aiohttp.ClientSession, url: str, n: int) -> dict[int, int]:
